@@ -1,0 +1,93 @@
+"""`graft`: the user's entry point.
+
+  graft run [-S KEY=VALUE ...] [--no-push]   the whole pipeline (Prefect flow over DVC stages)
+  graft stage NAME                           one stage, through DVC
+  graft serve [--cron EXPR]                  a Prefect deployment: cron schedule + UI-triggered runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from graft.errors import ERROR_PREFIX, GraftError
+
+STAGE_NAMES = ("prepare", "fetch", "features", "train", "evaluate", "register")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="graft", description="Transfer-learning pipeline (Prefect + DVC + MLflow).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the whole pipeline; DVC skips what is up to date")
+    run.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a params.yaml key (written to params.yaml, like dvc exp run -S)")
+    run.add_argument("--no-push", action="store_true", help="do not push outputs to the DVC remote")
+    stage = sub.add_parser("stage", help="run one stage through DVC")
+    stage.add_argument("name", choices=STAGE_NAMES)
+    serve = sub.add_parser("serve", help="serve a Prefect deployment (schedule + UI-triggered runs)")
+    serve.add_argument("--cron", default="0 3 * * *", help="cron schedule (default: daily at 03:00)")
+    serve.add_argument("--name", default="graft-scheduled", help="deployment name")
+    return parser
+
+
+def _print_summary(summary: list[dict], total: float) -> None:
+    print("\nstage       status    seconds")
+    for row in summary:
+        print(f"{row['stage']:<11} {row['status']:<9} {row['seconds']:>7.1f}")
+    print(f"{'total':<21} {total:>7.1f}")
+
+
+def _report_outcome() -> None:
+    from graft.files import read_json
+
+    for name in ("reports/transfer.json", "reports/gate.json", "reports/registration.json"):
+        if not Path(name).exists():
+            return
+    transfer, gate, reg = (read_json(Path(f"reports/{n}.json")) for n in ("transfer", "gate", "registration"))
+    fine = transfer["candidates"][transfer["proposed"]]["test"]
+    print(f"\n{transfer['proposed']}: test accuracy {fine['accuracy']:.4f}, macro-F1 {fine['macro_f1']:.4f}; "
+          f"margin over {transfer['best_baseline']} {transfer['margin']:+.4f}; "
+          f"negative_transfer={transfer['negative_transfer']}; gate passed={gate['passed']}")
+    if reg.get("registered"):
+        print(f"registered {reg['model_name']} version {reg['version']} as @{', @'.join(reg['aliases'])}")
+    else:
+        print(f"not registered: {reg.get('reason')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # Progress bars and Prefect logs interleave; keep Python's output unbuffered.
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        from graft import config
+
+        config.load()  # one clear error before any machinery starts
+        if args.command == "run":
+            from flows.pipeline import pipeline
+
+            started = time.perf_counter()
+            summary = pipeline(overrides=args.overrides, root=".", push=not args.no_push)
+            _print_summary(summary, time.perf_counter() - started)
+            _report_outcome()
+        elif args.command == "stage":
+            from flows.pipeline import run_dvc
+
+            run_dvc(["repro", "--single-item", args.name], Path("."), f"stage {args.name!r}")
+        elif args.command == "serve":
+            from flows.pipeline import pipeline
+
+            pipeline.serve(name=args.name, cron=args.cron, parameters={"overrides": [], "root": str(Path.cwd())})
+    except GraftError as err:
+        sys.stderr.write(f"{ERROR_PREFIX}{err}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{ERROR_PREFIX}interrupted\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

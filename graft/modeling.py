@@ -1,0 +1,164 @@
+"""Model plumbing shared by the stages: devices, loading (safetensors only), batching, pooling."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from graft.errors import GraftError
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every RNG that touches training, and ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def select_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on a GPU; full precision on the CPU, where bf16 is slow and changes results."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def load_tokenizer(model_dir: Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+
+
+def load_encoder(model_dir: Path, *, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The bare backbone, weights from safetensors only (a pickle file is never loaded)."""
+    return AutoModel.from_pretrained(model_dir, use_safetensors=True, trust_remote_code=trust_remote_code)
+
+
+def build_classifier(
+    model_dir: Path, *, classes: Sequence[str], from_scratch: bool = False, trust_remote_code: bool = False
+) -> PreTrainedModel:
+    """Backbone + a new classification head; `from_scratch` keeps the architecture, not the weights."""
+    cfg = AutoConfig.from_pretrained(
+        model_dir,
+        num_labels=len(classes),
+        id2label=dict(enumerate(classes)),
+        label2id={c: i for i, c in enumerate(classes)},
+        trust_remote_code=trust_remote_code,
+    )
+    if from_scratch:
+        return AutoModelForSequenceClassification.from_config(cfg, trust_remote_code=trust_remote_code)
+    return AutoModelForSequenceClassification.from_pretrained(
+        model_dir, config=cfg, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+
+
+def encoder_layers(model: PreTrainedModel) -> Sequence[torch.nn.Module]:
+    """The stack of transformer blocks of a BERT-family model."""
+    base = getattr(model, model.base_model_prefix, model)
+    encoder = getattr(base, "encoder", None)
+    layers = getattr(encoder, "layer", None)
+    if layers is None:
+        raise GraftError(f"{type(model).__name__}: cannot find encoder.layer; freezing needs a BERT-family encoder")
+    return layers
+
+
+def freeze_lower_layers(model: PreTrainedModel, freeze_layers: int) -> int:
+    """Freeze the embeddings and the lowest `freeze_layers` blocks; return trainable parameter count."""
+    layers = encoder_layers(model)
+    if freeze_layers > len(layers):
+        raise GraftError(f"train.freeze_layers={freeze_layers}, but the backbone has only {len(layers)} layers")
+    if freeze_layers > 0:
+        base = getattr(model, model.base_model_prefix, model)
+        for module in [base.embeddings, *layers[:freeze_layers]]:
+            for param in module.parameters():
+                param.requires_grad_(False)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped so each batch holds texts of similar length (little padding)."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids per text, truncated; padding happens per batch (dynamic padding)."""
+    return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+
+
+def collate(tokenizer: PreTrainedTokenizerBase, ids: Sequence[list[int]], device: torch.device) -> dict:
+    batch = tokenizer.pad({"input_ids": list(ids)}, return_tensors="pt")
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def _batches(ids: list[list[int]], batch_size: int) -> Iterator[list[int]]:
+    yield from length_sorted_batches([len(x) for x in ids], batch_size)
+
+
+@torch.inference_mode()
+def embed(
+    encoder: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    max_length: int,
+    batch_size: int,
+    device: torch.device,
+    desc: str = "embed",
+) -> np.ndarray:
+    """Mean-pooled embeddings, in the order of `texts`."""
+    encoder.eval().to(device)
+    ids = tokenize(tokenizer, texts, max_length)
+    out = np.zeros((len(ids), encoder.config.hidden_size), dtype=np.float32)
+    batches = list(_batches(ids, batch_size))
+    for batch in tqdm(batches, desc=desc, unit="batch", mininterval=1.0):
+        inputs = collate(tokenizer, [ids[i] for i in batch], device)
+        with autocast(device):
+            hidden = encoder(**inputs).last_hidden_state
+        out[batch] = mean_pool(hidden.float(), inputs["attention_mask"]).cpu().numpy()
+    return out
+
+
+@torch.inference_mode()
+def predict_proba(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    max_length: int,
+    batch_size: int,
+    device: torch.device,
+    desc: str = "predict",
+) -> np.ndarray:
+    """Class probabilities of a sequence classifier, in the order of `texts`."""
+    model.eval().to(device)
+    ids = tokenize(tokenizer, texts, max_length)
+    out = np.zeros((len(ids), model.config.num_labels), dtype=np.float32)
+    batches = list(_batches(ids, batch_size))
+    for batch in tqdm(batches, desc=desc, unit="batch", mininterval=1.0, leave=False):
+        inputs = collate(tokenizer, [ids[i] for i in batch], device)
+        with autocast(device):
+            logits = model(**inputs).logits
+        out[batch] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+    return out

@@ -1,0 +1,118 @@
+"""fetch: resolve the model reference and copy weights + tokenizer into models/pretrained/."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from graft import config
+from graft.errors import GraftError, exits_cleanly
+from graft.files import atomic_path, sha256_file, write_json
+from graft.sources import HUB_ID, PACKAGE_PREFIX, package_path
+
+OUT_DIR = Path("models/pretrained")
+# What a backbone needs, and nothing that could execute on load.
+KEEP_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*", "*.py"]
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+
+
+def resolve(ref: str, revision: str | None, *, trust_remote_code: bool = False) -> tuple[Path, dict]:
+    """Return a local folder for the reference and a description of where it came from."""
+    if ref.startswith(PACKAGE_PREFIX):
+        path = package_path(ref)
+        return path, {"kind": "package", "ref": ref, "path": str(path)}
+    local = Path(ref).expanduser()
+    if local.is_dir():
+        return local, {"kind": "local", "ref": ref, "path": str(local.resolve())}
+    if ref.startswith((".", "/", "~")) or not HUB_ID.match(ref):
+        raise GraftError(
+            f"model.ref={ref!r}: unknown model reference: not an installed package "
+            f"('{PACKAGE_PREFIX}NAME/dir'), not a local folder, not a hub id ('owner/name')"
+        )
+    return _download(ref, revision, trust_remote_code=trust_remote_code)
+
+
+def _download(repo_id: str, revision: str | None, *, trust_remote_code: bool) -> tuple[Path, dict]:
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    patterns = KEEP_PATTERNS if trust_remote_code else [p for p in KEEP_PATTERNS if p != "*.py"]
+    try:
+        commit = HfApi().model_info(repo_id, revision=revision).sha
+        path = snapshot_download(repo_id, revision=commit, allow_patterns=patterns)
+    except RepositoryNotFoundError:
+        raise GraftError(f"model.ref={repo_id!r}: unknown model reference: no such model on the Hugging Face Hub") from None
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
+        raise GraftError(f"model.ref={repo_id!r}: cannot download from the Hugging Face Hub: {err}") from None
+    return Path(path), {"kind": "hub", "ref": repo_id, "revision": revision, "commit": commit}
+
+
+def copy_model(src: Path, dst: Path, *, trust_remote_code: bool) -> list[str]:
+    """Copy the files a backbone needs; refuse pickled weights and (unless allowed) model code."""
+    names = sorted(p.name for p in src.iterdir() if p.is_file())
+    if not any(n.endswith(".safetensors") for n in names):
+        pickled = [n for n in names if n in PICKLE_WEIGHTS]
+        hint = f" (found only {pickled}: convert them to safetensors)" if pickled else ""
+        raise GraftError(f"{src}: no *.safetensors weights; graft never unpickles model files{hint}")
+    if "config.json" not in names:
+        raise GraftError(f"{src}: config.json is missing; not a transformers model folder")
+    if any(n.endswith(".py") for n in names) and not trust_remote_code:
+        raise GraftError(f"{src}: the model ships Python code; set model.trust_remote_code=true only if you trust it")
+    dst.mkdir(parents=True)
+    kept = [n for n in names if n not in PICKLE_WEIGHTS and (trust_remote_code or not n.endswith(".py"))]
+    for name in kept:
+        shutil.copy2(src / name, dst / name)
+    return kept
+
+
+def describe(model_dir: Path, *, trust_remote_code: bool) -> dict:
+    """Load the copy (config, tokenizer, weights) to prove it works; return its architecture."""
+    from graft.modeling import load_encoder, load_tokenizer
+
+    try:
+        load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+        encoder = load_encoder(model_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise GraftError(f"{model_dir}: not a loadable transformers encoder: {err}") from None
+    cfg = encoder.config
+    return {
+        "model_type": cfg.model_type,
+        "architectures": list(cfg.architectures or []),
+        "num_parameters": int(sum(p.numel() for p in encoder.parameters())),
+        "num_hidden_layers": int(getattr(cfg, "num_hidden_layers", 0)),
+        "hidden_size": int(cfg.hidden_size),
+        "max_position_embeddings": int(getattr(cfg, "max_position_embeddings", 0)),
+    }
+
+
+def fetch(params: config.Params, out_dir: Path = OUT_DIR) -> dict:
+    """Resolve, copy, verify and describe the backbone; return the manifest."""
+    m = params.model
+    src, origin = resolve(m.ref, m.revision, trust_remote_code=m.trust_remote_code)
+    with atomic_path(out_dir) as tmp:
+        kept = copy_model(src, tmp, trust_remote_code=m.trust_remote_code)
+        manifest = {
+            "source": origin,
+            "files": {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size} for name in kept},
+            "architecture": describe(tmp, trust_remote_code=m.trust_remote_code),
+        }
+        write_json(tmp / "manifest.json", manifest)
+    return manifest
+
+
+@exits_cleanly
+def main() -> None:
+    manifest = fetch(config.load())
+    arch = manifest["architecture"]
+    print(  # noqa: T201
+        f"fetch: {manifest['source']['ref']} -> {OUT_DIR} "
+        f"({arch['model_type']}, {arch['num_hidden_layers']} layers, {arch['num_parameters']:,} parameters)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Shared fixtures: a tiny random-weight BERT built from a config, a committed 48-row data set,
+and a throw-away pipeline workspace (git + DVC) in tmp_path."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+NEWS_CSV = FIXTURES / "news_tiny.csv"
+SHARED_DATA = REPO.parent / "shared" / "data"
+# What a workspace needs to run the stages exactly as a user's checkout does.
+WORKSPACE_FILES = ("dvc.yaml", "params.yaml", "graft", "tasks", "flows")
+
+
+def build_tiny_bert(out_dir: Path, texts: list[str]) -> Path:
+    """A 2-layer BERT with hidden size 32 and a word-level vocabulary of the given texts."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = sorted({w.strip(".,").lower() for t in texts for w in t.split()})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vocab = out_dir / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", *words]) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, architectures=["BertModel"])
+    import torch
+
+    torch.manual_seed(0)
+    BertModel(cfg).save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    import pandas as pd
+
+    texts = pd.read_csv(NEWS_CSV)["text"].tolist()
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), texts)
+
+
+def tiny_params(model_dir: Path, data_source: Path = NEWS_CSV) -> dict:
+    """params.yaml of the repository, shrunk to the 48-row fixture and the tiny model."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(source=str(data_source), train_size=18, val_size=12, test_size=18)
+    params["model"].update(ref=str(model_dir), max_length=32)
+    params["features"]["batch_size"] = 8
+    params["train"].update(epochs=2, batch_size=6, freeze_layers=1, lr=5e-3)
+    params["train"]["scratch"].update(epochs=2, lr=5e-3)
+    params["evaluate"]["bootstrap_samples"] = 100
+    params["gate"].update(min_accuracy=0.0, min_macro_f1=0.0, require_positive_transfer=False)
+    return params
+
+
+def make_workspace(root: Path, params: dict) -> Path:
+    """A git + DVC checkout of the pipeline with its own params and a local DVC remote."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in WORKSPACE_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, root / name)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run = lambda *cmd: subprocess.run(cmd, cwd=root, check=True, capture_output=True)  # noqa: E731
+    run("git", "init", "-q")
+    run(sys.executable, "-m", "dvc", "init", "-q")
+    run(sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(root.parent / f"{root.name}-remote"))
+    return root
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_model_dir, monkeypatch) -> Path:
+    """A fresh workspace, made the current directory (stages read and write relative paths)."""
+    root = make_workspace(tmp_path / "ws", tiny_params(tiny_model_dir))
+    monkeypatch.chdir(root)
+    return root
+
+
+def load_params(root: Path):
+    from graft import config
+
+    return config.load(root / "params.yaml")

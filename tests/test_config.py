@@ -1,0 +1,92 @@
+"""Config is tested like code: params.yaml parses, dvc.yaml's params exist, errors name keys."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from graft import config
+from graft.errors import GraftError
+
+from .conftest import REPO
+
+
+def _keys(mapping: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        out.add(dotted)
+        if isinstance(value, dict):
+            out |= _keys(value, f"{dotted}.")
+    return out
+
+
+def test_repository_params_validate():
+    params = config.load(REPO / "params.yaml")
+    assert params.model.trust_remote_code is False
+    assert params.register.alias == "challenger"
+
+
+def test_every_dvc_param_exists_and_every_stage_has_its_module():
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    known = _keys(yaml.safe_load((REPO / "params.yaml").read_text()))
+    for name, stage in dvc["stages"].items():
+        assert stage["cmd"] == f"python -m tasks.{name}"
+        assert hasattr(importlib.import_module(f"tasks.{name}"), "main")
+        for key in stage.get("params", []):
+            assert key in known, f"dvc.yaml stage {name} lists params key {key!r} missing from params.yaml"
+        for dep in stage.get("deps", []):
+            if dep.endswith(".py"):
+                assert (REPO / dep).exists(), dep
+
+
+def test_every_params_key_is_a_typed_field():
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    dumped = config.validate(raw).model_dump()
+    assert _keys(raw) == _keys(dumped)
+
+
+def test_all_problems_reported_at_once_with_their_keys():
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["train"]["lr"] = -1
+    raw["train"]["learning_rate"] = 3e-5
+    del raw["data"]["source"]
+    with pytest.raises(GraftError) as err:
+        config.validate(raw, "params.yaml")
+    message = str(err.value)
+    assert "3 invalid parameter(s)" in message
+    assert "train.lr" in message and "train.learning_rate: unknown key" in message
+    assert "data.source: required key is missing" in message
+
+
+def test_overrides_are_written_with_comments_kept(tmp_path: Path):
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    applied = config.apply_overrides(["train.lr=3e-5", "train.scratch.epochs=2"], path)
+    assert applied == {"train.lr": 3e-5, "train.scratch.epochs": 2}
+    params = config.load(path)
+    assert params.train.lr == 3e-5 and params.train.scratch.epochs == 2
+    assert "# Embeddings and the lowest N encoder layers stay frozen." in path.read_text()
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [("train.nope=1", "unknown parameter key(s) in override: train.nope"),
+     ("train.lr=-1", "train.lr"),
+     ("train.lr", "expected KEY=VALUE")],
+)
+def test_bad_override_names_the_key_and_leaves_the_file_alone(tmp_path: Path, override: str, expected: str):
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    before = path.read_text()
+    with pytest.raises(GraftError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        config.apply_overrides([override], path)
+    assert path.read_text() == before
+
+
+def test_missing_params_file_is_named(tmp_path: Path):
+    with pytest.raises(GraftError, match="params.yaml: parameters file not found"):
+        config.load(tmp_path / "params.yaml")

@@ -1,0 +1,47 @@
+"""One real run through the real flow: the packaged MiniLM backbone on a small slice of the
+packaged BBC News corpus, tracked in a SQLite MLflow store, registered as `challenger`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.pipeline import pipeline
+from graft.files import read_json
+
+from .conftest import REPO, make_workspace
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_backbone_and_corpus_end_to_end(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert params["data"]["source"].startswith("package:") and params["model"]["ref"].startswith("package:")
+    params["data"].update(train_size=40, val_size=25, test_size=60)
+    params["model"]["max_length"] = 64
+    params["train"].update(epochs=2, lr=3e-4)
+    params["train"]["scratch"]["epochs"] = 1
+    params["evaluate"]["bootstrap_samples"] = 200
+    params["gate"].update(min_accuracy=0.5, min_macro_f1=0.5, require_positive_transfer=False)
+    root = make_workspace(tmp_path / "ws", params)
+
+    with prefect_test_harness(server_startup_timeout=120):
+        summary = pipeline(root=str(root))
+    assert [r["stage"] for r in summary] == ["prepare", "fetch", "features", "train", "evaluate", "register", "push"]
+
+    card = read_json(root / "data/prepared/datacard.json")
+    assert card["classes"] == ["business", "entertainment", "politics", "sports", "tech"]
+    assert read_json(root / "models/pretrained/manifest.json")["architecture"]["num_hidden_layers"] == 6
+    # Real signal from a real backbone: frozen MiniLM features separate BBC topics.
+    assert read_json(root / "reports/transferability.json")["probe_val_accuracy"] >= 0.7
+    metrics = read_json(root / "reports/metrics.json")
+    assert metrics["test"]["n"] == 60 and metrics["test"]["accuracy"] >= 0.5
+    registration = read_json(root / "reports/registration.json")
+    assert registration["registered"] and registration["aliases"] == ["challenger"]
+    assert registration["tracking_uri"] == f"sqlite:///{root / 'mlruns.db'}"
+    assert os.listdir(root.parent / "ws-remote")  # outputs pushed to the local DVC remote

@@ -1,0 +1,51 @@
+"""features: embeddings per split, length-sorted batches that do not change results, LogME."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from graft.files import read_json
+from graft.modeling import embed, length_sorted_batches, load_encoder, load_tokenizer
+from tasks.features import OUT_DIR, REPORT, features, logme
+from tasks.fetch import fetch
+from tasks.prepare import prepare
+
+from .conftest import load_params
+
+
+def test_length_sorted_batches_cover_every_index_once():
+    lengths = [5, 1, 9, 3, 3, 7, 2]
+    batches = length_sorted_batches(lengths, 3)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(lengths)))
+    assert [lengths[i] for i in flat] == sorted(lengths)
+    assert [len(b) for b in batches] == [3, 3, 1]
+
+
+def test_logme_prefers_informative_features():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 40)
+    informative = rng.normal(size=(120, 16)) + np.eye(3, 16)[labels] * 3
+    noise = rng.normal(size=(120, 16))
+    assert logme(informative, labels) > logme(noise, labels) + 0.1
+
+
+def test_features_per_split_match_unbatched_embedding(workspace: Path, tiny_model_dir: Path):
+    params = load_params(workspace)
+    prepare(params)
+    fetch(params)
+    result = features(params)
+    assert result["rows"] == {"train": 18, "val": 12, "test": 18}
+    assert read_json(REPORT)["dims"] == 32
+    train = np.load(OUT_DIR / "train.npy")
+    assert train.shape == (18, 32) and np.isfinite(train).all()
+
+    import pandas as pd
+    import torch
+
+    texts = pd.read_parquet("data/prepared/train.parquet")["text"].tolist()
+    tok, enc = load_tokenizer(tiny_model_dir), load_encoder(tiny_model_dir)
+    one_by_one = embed(enc, tok, texts, max_length=32, batch_size=1, device=torch.device("cpu"))
+    np.testing.assert_allclose(train, one_by_one, atol=1e-5)

@@ -1,0 +1,85 @@
+"""The Prefect flow over DVC stages: Prefect and `dvc repro` agree on what is stale, skipped
+stages show as `Skipped`, and bad input ends in one line, not a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.pipeline import STAGES, StageFailed, pipeline
+
+from .conftest import make_workspace, tiny_params
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _task_states(flow_state) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
+    return {run.name: run.state.name for run in runs}
+
+
+def _dvc(root: Path, *args: str) -> str:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, check=True, capture_output=True,
+                          text=True).stdout
+
+
+def test_second_run_skips_everything_and_a_train_param_reruns_only_downstream(tmp_path, tiny_model_dir):
+    root = make_workspace(tmp_path / "ws", tiny_params(tiny_model_dir))
+    first = pipeline(root=str(root), return_state=True)
+    assert [r["status"] for r in first.result()] == ["ran"] * 7  # six stages + push
+    assert (root / "reports/registration.json").exists() and (root / "dvc.lock").exists()
+    assert "up to date" in _dvc(root, "status").lower()
+
+    second = pipeline(root=str(root), return_state=True)
+    assert [r["status"] for r in second.result()[:6]] == ["skipped"] * 6
+    states = _task_states(second)
+    assert all(states[name] == "Skipped" for name in STAGES), states
+    assert "didn't change" in _dvc(root, "repro").lower() or "up to date" in _dvc(root, "repro").lower()
+
+    third = pipeline(overrides=["train.epochs=1"], root=str(root), return_state=True)
+    ran = [r["stage"] for r in third.result()[:6] if r["status"] == "ran"]
+    assert ran == ["train", "evaluate", "register"]
+    assert yaml.safe_load((root / "params.yaml").read_text())["train"]["epochs"] == 1
+    assert "up to date" in _dvc(root, "status").lower()
+
+
+def test_stage_error_surfaces_as_one_line(tmp_path, tiny_model_dir):
+    params = tiny_params(tiny_model_dir)
+    params["model"]["ref"] = "package:no_such_model_package/model"
+    root = make_workspace(tmp_path / "ws", params)
+    with pytest.raises(StageFailed) as err:
+        pipeline(root=str(root), push=False)
+    assert err.value.user_error
+    assert str(err.value) == (
+        "stage 'fetch': package:no_such_model_package/model: no installed Python package named "
+        "'no_such_model_package' (pip install it?)")
+    assert (root / "data/prepared/train.parquet").exists()  # what was produced before is kept
+
+
+def test_cli_rejects_an_unknown_params_key_in_one_line(tmp_path, tiny_model_dir):
+    root = make_workspace(tmp_path / "ws", tiny_params(tiny_model_dir))
+    proc = subprocess.run([sys.executable, "-m", "graft.cli", "run", "-S", "train.learning_rate=1"], cwd=root,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "graft: error: params.yaml: unknown parameter key(s) in override: train.learning_rate"]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["learning_rate"] = 1
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = subprocess.run([sys.executable, "-m", "graft.cli", "run"], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "train.learning_rate: unknown key" in proc.stderr and "Traceback" not in proc.stderr
