@@ -3,6 +3,7 @@ is stale. A stage DVC finds up to date finishes in the state `Skipped`."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.states import Completed
+from prefect.states import Completed, State
 
 from graft import config
 from graft.errors import ERROR_PREFIX, GraftError
@@ -29,10 +30,11 @@ class StageFailed(GraftError):
 
 def stage_is_stale(stage: str, root: Path) -> bool:
     """Ask DVC (not a guess of ours) whether the stage's deps, params or outs changed."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        return bool(repo.status(targets=[stage]))
+    proc = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", stage], cwd=root, env=_subprocess_env(),
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise StageFailed(f"dvc status {stage}: {proc.stderr.strip() or proc.stdout.strip()}", user_error=False)
+    return bool(json.loads(proc.stdout or "{}"))
 
 
 def _subprocess_env() -> dict[str, str]:
@@ -109,7 +111,9 @@ def pipeline(overrides: list[str] | None = None, root: str = ".", push: bool = T
     for stage in STAGES:
         options = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": _retry_unless_bad_input}
         stage_task = dvc_stage.with_options(**options) if stage == "fetch" else dvc_stage
-        summary.append(stage_task(stage, root))
+        outcome = stage_task(stage, root)
+        # a skipped stage returns its `Skipped` state; the summary wants the row it carries
+        summary.append(outcome.result() if isinstance(outcome, State) else outcome)
     if push:
         summary.append(dvc_push(root))
     return summary

@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         from graft import config
 
         config.load()  # one clear error before any machinery starts
+        config.apply_overrides(getattr(args, "overrides", []), dry_run=True)
         if args.command == "run":
             from flows.pipeline import pipeline
 

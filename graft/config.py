@@ -6,6 +6,8 @@ Every problem is reported in one error, each line naming the key that is wrong.
 from __future__ import annotations
 
 import io
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from graft.errors import GraftError
 from graft.files import atomic_write_text
 
 PARAMS_FILE = Path("params.yaml")
+_EXPONENT_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
 class _Section(BaseModel):
@@ -82,6 +85,10 @@ class RegisterParams(_Section):
     alias: str = Field("challenger", min_length=1, description="Alias set on the new version.")
 
 
+# `register` (the stage's section) shadows ABCMeta.register on the class, not on instances.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+
 class Params(_Section):
     seed: int = Field(0, ge=0, description="Seeds splitting, head init, shuffling and dropout.")
     data: DataParams
@@ -140,15 +147,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise GraftError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=3e-5")
     parsed = yaml.safe_load(value) if value.strip() else None
+    if isinstance(parsed, str) and _EXPONENT_NUMBER.match(parsed):
+        parsed = float(parsed)  # YAML 1.1 reads `3e-5` (no dot) as a string; users mean the number
     return key.strip().split("."), parsed
 
 
-def apply_overrides(overrides: list[str], path: Path = PARAMS_FILE) -> dict[str, Any]:
+def apply_overrides(overrides: list[str], path: Path = PARAMS_FILE, *, dry_run: bool = False) -> dict[str, Any]:
     """Write `KEY=VALUE` overrides into params.yaml (comments kept), after validating the result.
 
     Like `dvc exp run -S`, the override lands in the file DVC reads, so DVC sees the change
     and the run can be reproduced from git. Nothing is written when any override is invalid.
-    Returns the applied overrides as {dotted key: value}.
+    Returns the applied overrides as {dotted key: value}; `dry_run` only validates.
     """
     if not overrides:
         return {}
@@ -175,5 +184,6 @@ def apply_overrides(overrides: list[str], path: Path = PARAMS_FILE) -> dict[str,
     buffer = io.StringIO()
     rt.dump(doc, buffer)
     validate(yaml.safe_load(buffer.getvalue()), f"{path} with overrides {overrides}")
-    atomic_write_text(path, buffer.getvalue())
+    if not dry_run:
+        atomic_write_text(path, buffer.getvalue())
     return applied

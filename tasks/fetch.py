@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from fnmatch import fnmatch
 from pathlib import Path
 
 from graft import config
@@ -12,8 +13,13 @@ from graft.sources import HUB_ID, PACKAGE_PREFIX, package_path
 
 OUT_DIR = Path("models/pretrained")
 # What a backbone needs, and nothing that could execute on load.
-KEEP_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*", "*.py"]
+KEEP_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*", "README.md"]
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+
+
+def keep_patterns(trust_remote_code: bool) -> list[str]:
+    """Files copied from a model folder; Python files only when remote code is trusted."""
+    return [*KEEP_PATTERNS, "*.py"] if trust_remote_code else KEEP_PATTERNS
 
 
 def resolve(ref: str, revision: str | None, *, trust_remote_code: bool = False) -> tuple[Path, dict]:
@@ -40,10 +46,9 @@ def _download(repo_id: str, revision: str | None, *, trust_remote_code: bool) ->
         RepositoryNotFoundError,
     )
 
-    patterns = KEEP_PATTERNS if trust_remote_code else [p for p in KEEP_PATTERNS if p != "*.py"]
     try:
         commit = HfApi().model_info(repo_id, revision=revision).sha
-        path = snapshot_download(repo_id, revision=commit, allow_patterns=patterns)
+        path = snapshot_download(repo_id, revision=commit, allow_patterns=keep_patterns(trust_remote_code))
     except RepositoryNotFoundError:
         raise GraftError(f"model.ref={repo_id!r}: unknown model reference: no such model on the Hugging Face Hub") from None
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
@@ -62,8 +67,9 @@ def copy_model(src: Path, dst: Path, *, trust_remote_code: bool) -> list[str]:
         raise GraftError(f"{src}: config.json is missing; not a transformers model folder")
     if any(n.endswith(".py") for n in names) and not trust_remote_code:
         raise GraftError(f"{src}: the model ships Python code; set model.trust_remote_code=true only if you trust it")
+    patterns = keep_patterns(trust_remote_code)
     dst.mkdir(parents=True)
-    kept = [n for n in names if n not in PICKLE_WEIGHTS and (trust_remote_code or not n.endswith(".py"))]
+    kept = [n for n in names if n not in PICKLE_WEIGHTS and any(fnmatch(n, p) for p in patterns)]
     for name in kept:
         shutil.copy2(src / name, dst / name)
     return kept

@@ -42,6 +42,13 @@ def flat_params(params: config.Params) -> dict[str, str]:
     return flat
 
 
+def serving_requirements() -> list[str]:
+    """Pinned versions of what serving the model needs (MLflow's guess would add torchvision)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in ("torch", "transformers", "tokenizers", "safetensors")]
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
@@ -95,10 +102,16 @@ def register(params: config.Params, uri: str | None = None) -> dict:
             failed = [c["name"] for c in gate["checks"] if not c["passed"]]
             result["reason"] = f"gate failed: {', '.join(failed)}"
             return result
+        from transformers import AutoModelForSequenceClassification
+
+        from graft.modeling import load_tokenizer
+
+        components = {"model": AutoModelForSequenceClassification.from_pretrained(FINETUNED_DIR, use_safetensors=True),
+                      "tokenizer": load_tokenizer(FINETUNED_DIR)}
         try:
             info = mlflow.transformers.log_model(
-                transformers_model=str(FINETUNED_DIR), task="text-classification", name="model",
-                registered_model_name=r.model_name, await_registration_for=60,
+                transformers_model=components, task="text-classification", name="model",
+                registered_model_name=r.model_name, await_registration_for=60, pip_requirements=serving_requirements(),
             )
         except Exception as err:  # MLflow raises many types; the user needs the message
             raise GraftError(f"{FINETUNED_DIR}: MLflow could not log or register the model: {err}") from None

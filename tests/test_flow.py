@@ -25,10 +25,12 @@ def prefect_api():
 def _task_states(flow_state) -> dict[str, str]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
 
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])),
+            sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=50)
     return {run.name: run.state.name for run in runs}
 
 
@@ -83,3 +85,12 @@ def test_cli_rejects_an_unknown_params_key_in_one_line(tmp_path, tiny_model_dir)
     proc = subprocess.run([sys.executable, "-m", "graft.cli", "run"], cwd=root, capture_output=True, text=True)
     assert proc.returncode == 2
     assert "train.learning_rate: unknown key" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_deployment_carries_the_schedule_and_overridable_parameters():
+    deployment = pipeline.to_deployment(name="graft-scheduled", cron="0 3 * * *",
+                                        parameters={"overrides": [], "root": "/srv/graft"})
+    assert deployment.name == "graft-scheduled"
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+    assert deployment.parameters == {"overrides": [], "root": "/srv/graft"}
+    assert set(deployment.parameter_openapi_schema["properties"]) == {"overrides", "root", "push"}

@@ -69,10 +69,9 @@ def test_freezing_more_layers_than_exist_is_named(prepared: Path):
 
 
 def test_tfidf_round_trip_matches_sklearn(prepared: Path):
+    import pandas as pd
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
-
-    import pandas as pd
 
     params = load_params(prepared)
     train(params)
