@@ -83,11 +83,12 @@ def register(params: config.Params, uri: str | None = None) -> dict:
                                 f"test_macro_f1_{name}": cand["test"]["macro_f1"]})
         mlflow.log_metric("transfer_margin", transfer["margin"])
         mlflow.set_tags({"negative_transfer": str(transfer["negative_transfer"]), "gate_passed": str(gate["passed"]),
-                         "dataset_fingerprint": card["fingerprint"], "backbone": manifest["source"]["ref"],
+                         "dataset_fingerprint": card["fingerprint"], "data_source": card["source"], "backbone": manifest["source"]["ref"],
                          "git_commit": git_commit() or "unknown"})
         for split in ("train", "val", "test"):
-            frame = pd.read_parquet(PREPARED_DIR / f"{split}.parquet", columns=["id", "label"])
-            dataset = mlflow.data.from_pandas(frame, source=card["source"], targets="label", name=f"{split}",
+            path = PREPARED_DIR / f"{split}.parquet"
+            frame = pd.read_parquet(path, columns=["id", "label"])
+            dataset = mlflow.data.from_pandas(frame, source=str(path.resolve()), targets="label", name=split,
                                               digest=card["splits"][split]["fingerprint"][:20])
             mlflow.log_input(dataset, context=split)
         for name in LOGGED_REPORTS:
