@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -57,10 +58,22 @@ def _report_outcome() -> None:
         print(f"not registered: {reg.get('reason')}")
 
 
+class _NoTracebackForGraftErrors(logging.Filter):
+    """Prefect logs a failed task with its traceback; input problems need only their message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], GraftError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Progress bars and Prefect logs interleave; keep Python's output unbuffered.
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    # The embedded Prefect server runs offline by design: no failed telemetry calls in the log.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         from graft import config
 
@@ -68,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         config.apply_overrides(getattr(args, "overrides", []), dry_run=True)
         if args.command == "run":
             from flows.pipeline import pipeline
+
+            for name in ("prefect.task_runs", "prefect.flow_runs"):
+                logging.getLogger(name).addFilter(_NoTracebackForGraftErrors())
 
             started = time.perf_counter()
             summary = pipeline(overrides=args.overrides, root=".", push=not args.no_push)

@@ -101,3 +101,16 @@ def test_deployment_carries_the_schedule_and_overridable_parameters():
     assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
     assert deployment.parameters == {"overrides": [], "root": "/srv/graft"}
     assert set(pipeline.parameters.properties) == {"overrides", "root", "push"}
+
+
+def test_cli_run_with_a_missing_data_file_ends_in_one_line_without_traceback(tmp_path, tiny_model_dir):
+    params = tiny_params(tiny_model_dir)
+    params["data"]["source"] = "nowhere/data.csv"
+    root = make_workspace(tmp_path / "ws", params)
+    proc = subprocess.run([sys.executable, "-m", "graft.cli", "run", "--no-push"], cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr + proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("graft: error:")]
+    assert errors[-1] == (
+        "graft: error: stage 'prepare': nowhere/data.csv: data file not found (set data.source in params.yaml)")
