@@ -163,6 +163,8 @@ def apply_overrides(overrides: list[str], path: Path = PARAMS_FILE, *, dry_run: 
         return {}
     rt = YAML()
     rt.preserve_quotes = True
+    # keep `null` spelled out, as in the file, so an override changes only its own line
+    rt.representer.add_representer(type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
     doc = rt.load(path.read_text())
     applied: dict[str, Any] = {}
     unknown = []

@@ -53,6 +53,11 @@ def _download(repo_id: str, revision: str | None, *, trust_remote_code: bool) ->
         raise GraftError(f"model.ref={repo_id!r}: unknown model reference: no such model on the Hugging Face Hub") from None
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
         raise GraftError(f"model.ref={repo_id!r}: cannot download from the Hugging Face Hub: {err}") from None
+    except Exception as err:  # the hub's HTTP stack raises its own connection errors
+        raise GraftError(
+            f"model.ref={repo_id!r}: cannot reach the Hugging Face Hub ({type(err).__name__}: {err}); "
+            "use a local folder or an installed package offline"
+        ) from None
     return Path(path), {"kind": "hub", "ref": repo_id, "revision": revision, "commit": commit}
 
 

@@ -70,6 +70,10 @@ def test_overrides_are_written_with_comments_kept(tmp_path: Path):
     params = config.load(path)
     assert params.train.lr == 3e-5 and params.train.scratch.epochs == 2
     assert "# Embeddings and the lowest N encoder layers stay frozen." in path.read_text()
+    before, after = (REPO / "params.yaml").read_text().splitlines(), path.read_text().splitlines()
+    assert len(before) == len(after)
+    assert [(a, b) for a, b in zip(before, after, strict=True) if a != b] == [
+        ("  lr: 0.0001", "  lr: 3e-05"), ("    epochs: 5", "    epochs: 2")]
 
 
 @pytest.mark.parametrize(

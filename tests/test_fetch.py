@@ -85,3 +85,15 @@ def test_hub_reference_pins_the_resolved_commit(workspace: Path, tiny_model_dir:
     assert "*.py" not in calls["snapshot"][2]
     assert manifest["source"] == {"kind": "hub", "ref": "acme/tiny-bert", "revision": "v1", "commit": "0123abcd" * 5}
     assert fetch_stage.OUT_DIR.exists()
+
+
+def test_unreachable_hub_is_one_clear_error(monkeypatch):
+    import huggingface_hub
+
+    class OfflineApi:
+        def model_info(self, repo_id, revision=None):
+            raise RuntimeError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", OfflineApi)
+    with pytest.raises(GraftError, match=r"model.ref='acme/bert': cannot reach the Hugging Face Hub \(RuntimeError"):
+        resolve("acme/bert", "main")
