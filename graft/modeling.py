@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -112,11 +112,33 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
-def _batches(ids: list[list[int]], batch_size: int) -> Iterator[list[int]]:
-    yield from length_sorted_batches([len(x) for x in ids], batch_size)
+def _map_batches(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    width: int,
+    rows: Callable,
+    max_length: int,
+    batch_size: int,
+    device: torch.device,
+    desc: str,
+) -> np.ndarray:
+    """Run `model` over length-sorted, dynamically padded batches; `rows(outputs, inputs)` gives
+    one output row per text. The result is in the order of `texts`."""
+    model.eval().to(device)
+    ids = tokenize(tokenizer, texts, max_length)
+    out = np.zeros((len(ids), width), dtype=np.float32)
+    batches = length_sorted_batches([len(x) for x in ids], batch_size)
+    with torch.inference_mode():
+        for batch in tqdm(batches, desc=desc, unit="batch", mininterval=1.0, leave=False):
+            inputs = collate(tokenizer, [ids[i] for i in batch], device)
+            with autocast(device):
+                outputs = model(**inputs)
+            out[batch] = rows(outputs, inputs).float().cpu().numpy()
+    return out
 
 
-@torch.inference_mode()
 def embed(
     encoder: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -127,20 +149,14 @@ def embed(
     device: torch.device,
     desc: str = "embed",
 ) -> np.ndarray:
-    """Mean-pooled embeddings, in the order of `texts`."""
-    encoder.eval().to(device)
-    ids = tokenize(tokenizer, texts, max_length)
-    out = np.zeros((len(ids), encoder.config.hidden_size), dtype=np.float32)
-    batches = list(_batches(ids, batch_size))
-    for batch in tqdm(batches, desc=desc, unit="batch", mininterval=1.0):
-        inputs = collate(tokenizer, [ids[i] for i in batch], device)
-        with autocast(device):
-            hidden = encoder(**inputs).last_hidden_state
-        out[batch] = mean_pool(hidden.float(), inputs["attention_mask"]).cpu().numpy()
-    return out
+    """Mean-pooled embeddings of the frozen backbone, in the order of `texts`."""
+    return _map_batches(
+        encoder, tokenizer, texts, width=encoder.config.hidden_size,
+        rows=lambda out, inputs: mean_pool(out.last_hidden_state.float(), inputs["attention_mask"]),
+        max_length=max_length, batch_size=batch_size, device=device, desc=desc,
+    )
 
 
-@torch.inference_mode()
 def predict_proba(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -152,13 +168,8 @@ def predict_proba(
     desc: str = "predict",
 ) -> np.ndarray:
     """Class probabilities of a sequence classifier, in the order of `texts`."""
-    model.eval().to(device)
-    ids = tokenize(tokenizer, texts, max_length)
-    out = np.zeros((len(ids), model.config.num_labels), dtype=np.float32)
-    batches = list(_batches(ids, batch_size))
-    for batch in tqdm(batches, desc=desc, unit="batch", mininterval=1.0, leave=False):
-        inputs = collate(tokenizer, [ids[i] for i in batch], device)
-        with autocast(device):
-            logits = model(**inputs).logits
-        out[batch] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
-    return out
+    return _map_batches(
+        model, tokenizer, texts, width=model.config.num_labels,
+        rows=lambda out, _: torch.softmax(out.logits.float(), dim=-1),
+        max_length=max_length, batch_size=batch_size, device=device, desc=desc,
+    )

@@ -167,10 +167,13 @@ def main() -> None:
     result = evaluate(config.load())
     for name, cand in result["candidates"].items():
         t = cand["test"]
-        print(f"evaluate: {name:8s} test accuracy {t['accuracy']:.4f} {t['accuracy_ci']}, macro-F1 {t['macro_f1']:.4f}")  # noqa: T201
+        low, high = t["accuracy_ci"]
+        print(f"evaluate: {name:8s} test accuracy {t['accuracy']:.4f} [{low:.4f}, {high:.4f}], macro-F1 {t['macro_f1']:.4f}")  # noqa: T201
     v = result["verdict"]
+    low, high = v["margin_ci"]
     print(  # noqa: T201
-        f"evaluate: margin over {v['best_baseline']} {v['margin']:+.4f} (CI {v['margin_ci']}), "
+        f"evaluate: margin over {v['best_baseline']} {v['margin']:+.4f} [{low:+.4f}, {high:+.4f}], "
+        f"McNemar p={v['test']['p_value']:.3f}, "
         f"negative_transfer={v['negative_transfer']}, gate passed={result['gate']['passed']}"
     )
 
