@@ -68,6 +68,13 @@ def build_classifier(
     )
 
 
+def load_classifier(model_dir: Path, *, trust_remote_code: bool = False) -> PreTrainedModel:
+    """A trained sequence classifier (ours, or a baseline), weights from safetensors only."""
+    return AutoModelForSequenceClassification.from_pretrained(
+        model_dir, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+
+
 def encoder_layers(model: PreTrainedModel) -> Sequence[torch.nn.Module]:
     """The stack of transformer blocks of a BERT-family model."""
     base = getattr(model, model.base_model_prefix, model)

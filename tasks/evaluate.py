@@ -12,12 +12,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.stats import binomtest  # noqa: E402
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score  # noqa: E402
-from transformers import AutoModelForSequenceClassification  # noqa: E402
 
 from graft import config  # noqa: E402
 from graft.errors import exits_cleanly  # noqa: E402
 from graft.files import atomic_path, write_json  # noqa: E402
-from graft.modeling import load_tokenizer, predict_proba, select_device  # noqa: E402
+from graft.modeling import load_classifier, load_tokenizer, predict_proba, select_device  # noqa: E402
 from tasks.prepare import OUT_DIR as PREPARED_DIR  # noqa: E402
 from tasks.prepare import load_split  # noqa: E402
 from tasks.train import BASELINES_DIR, FINETUNED_DIR, load_tfidf  # noqa: E402
@@ -114,7 +113,7 @@ def predict_all(params: config.Params, texts: dict[str, list[str]]) -> dict[str,
     out: dict[str, dict[str, np.ndarray]] = {}
     for name, model_dir in ((PROPOSED, FINETUNED_DIR), ("scratch", BASELINES_DIR / "scratch")):
         tokenizer = load_tokenizer(model_dir)
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, use_safetensors=True)
+        model = load_classifier(model_dir)
         out[name] = {
             split: predict_proba(model, tokenizer, split_texts, max_length=params.model.max_length,
                                  batch_size=params.features.batch_size, device=device,

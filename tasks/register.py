@@ -103,12 +103,9 @@ def register(params: config.Params, uri: str | None = None) -> dict:
             failed = [c["name"] for c in gate["checks"] if not c["passed"]]
             result["reason"] = f"gate failed: {', '.join(failed)}"
             return result
-        from transformers import AutoModelForSequenceClassification
+        from graft.modeling import load_classifier, load_tokenizer
 
-        from graft.modeling import load_tokenizer
-
-        components = {"model": AutoModelForSequenceClassification.from_pretrained(FINETUNED_DIR, use_safetensors=True),
-                      "tokenizer": load_tokenizer(FINETUNED_DIR)}
+        components = {"model": load_classifier(FINETUNED_DIR), "tokenizer": load_tokenizer(FINETUNED_DIR)}
         try:
             info = mlflow.transformers.log_model(
                 transformers_model=components, task="text-classification", name="model",
