@@ -16,6 +16,8 @@ from prefect.states import Completed, State
 
 from graft import config
 from graft.errors import ERROR_PREFIX, GraftError
+from graft.layout import Layout
+from graft.pins import write_sources
 
 STAGES = ("prepare", "fetch", "features", "train", "evaluate", "register")
 
@@ -71,6 +73,13 @@ def _retry_unless_bad_input(task_obj, task_run, state) -> bool:
     return not (isinstance(error, StageFailed) and error.user_error)
 
 
+def restore_outputs(stage: str, root: Path) -> None:
+    """Put a failed stage's outputs back as dvc.lock last recorded them (from the DVC cache):
+    a stage that died half way may have replaced some of them already."""
+    subprocess.run([sys.executable, "-m", "dvc", "checkout", "--force", "--quiet", stage], cwd=root,
+                   env=_subprocess_env(), capture_output=True, text=True)
+
+
 @task(task_run_name="{stage}", retries=0)
 def dvc_stage(stage: str, root: str) -> Any:
     """Run one dvc.yaml stage if DVC finds it stale; otherwise finish as `Skipped`."""
@@ -80,7 +89,11 @@ def dvc_stage(stage: str, root: str) -> Any:
         logger.info("%s: up to date in dvc.lock, skipped", stage)
         return Completed(name="Skipped", message="up to date", data={"stage": stage, "status": "skipped",
                                                                     "seconds": round(time.perf_counter() - started, 2)})
-    run_dvc(["repro", "--single-item", stage], Path(root), f"stage {stage!r}")
+    try:
+        run_dvc(["repro", "--single-item", stage], Path(root), f"stage {stage!r}")
+    except StageFailed:
+        restore_outputs(stage, Path(root))
+        raise
     seconds = round(time.perf_counter() - started, 2)
     logger.info("%s: ran in %.1fs", stage, seconds)
     return {"stage": stage, "status": "ran", "seconds": seconds}
@@ -106,7 +119,10 @@ def pipeline(overrides: list[str] | None = None, root: str = ".", push: bool = T
     applied = config.apply_overrides(list(overrides or []), params_file)
     if applied:
         logger.info("params.yaml overrides applied: %s", applied)
-    config.load(params_file)
+    params = config.load(params_file)
+    changed = write_sources(params, Layout(Path(root)))
+    if changed:
+        logger.info("resolved sources written: %s", ", ".join(changed))
     summary = []
     for stage in STAGES:
         options = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": _retry_unless_bad_input}

@@ -3,6 +3,8 @@
   graft run [-S KEY=VALUE ...] [--no-push]   the whole pipeline (Prefect flow over DVC stages)
   graft stage NAME                           one stage, through DVC
   graft serve [--cron EXPR]                  a Prefect deployment: cron schedule + UI-triggered runs
+  graft data [--json]                        the data version, and what changed since the last commit
+  graft sources                              pin data.source and model.ref for DVC (graft run does it)
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve a Prefect deployment (schedule + UI-triggered runs)")
     serve.add_argument("--cron", default="0 3 * * *", help="cron schedule (default: daily at 03:00)")
     serve.add_argument("--name", default="graft-scheduled", help="deployment name")
+    data = sub.add_parser("data", help="print the data version and what changed against the last committed dvc.lock")
+    data.add_argument("--rev", default="HEAD", help="git revision to compare with (default: HEAD)")
+    data.add_argument("--json", action="store_true", help="print JSON")
+    sub.add_parser("sources", help="resolve data.source and model.ref into data/source.yaml and models/source.yaml")
     return parser
 
 
@@ -89,9 +95,26 @@ def main(argv: list[str] | None = None) -> int:
             summary = pipeline(overrides=args.overrides, root=".", push=not args.no_push)
             _print_summary(summary, time.perf_counter() - started)
             _report_outcome()
+        elif args.command == "data":
+            import json
+
+            from graft.dataversion import data_version, format_version
+            from graft.layout import Layout
+
+            info = data_version(Layout(Path(".")), rev=args.rev)
+            print(json.dumps(info, indent=2) if args.json else format_version(info))
+        elif args.command == "sources":
+            from graft.layout import Layout
+            from graft.pins import write_sources
+
+            changed = write_sources(config.load(), Layout(Path(".")))
+            print("sources: " + (", ".join(changed) + " updated" if changed else "up to date"))
         elif args.command == "stage":
             from flows.pipeline import run_dvc
+            from graft.layout import Layout
+            from graft.pins import write_sources
 
+            write_sources(config.load(), Layout(Path(".")))
             run_dvc(["repro", "--single-item", args.name], Path("."), f"stage {args.name!r}")
         elif args.command == "serve":
             from flows.pipeline import pipeline

@@ -5,11 +5,12 @@ Every problem is reported in one error, each line naming the key that is wrong.
 
 from __future__ import annotations
 
+import codecs
 import io
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -23,7 +24,8 @@ _EXPONENT_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `-S train.epochs=true` or `epochs: "5"` is an error, not 1 or 5
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class DataParams(_Section):
@@ -31,9 +33,33 @@ class DataParams(_Section):
     revision: str | None = Field(None, description="Hub revision (git sha or tag) for `hf:` sources.")
     text_column: str = Field("text", description="Column that holds the input text.")
     label_column: str = Field("label", description="Column that holds the class label.")
+    id_column: str = Field("id", description="Column of unique row ids; absent: ids are hashes of the text.")
+    split_column: str | None = Field(
+        None, description="Column holding train/val/test per row (the user's own split); sizes are then ignored."
+    )
+    group_columns: list[str] = Field(
+        default_factory=list, description="Columns carried into the splits for group metrics (e.g. gender)."
+    )
+    domain_column: str | None = Field(None, description="Column naming each row's domain, carried into the splits.")
+    on_conflict: Literal["error", "drop"] = Field(
+        "error", description="The same text under two labels: `error`, or `drop` every copy of it."
+    )
+    encoding_fallback: str | None = Field(
+        None, description="Codec for bytes that are not UTF-8 (e.g. cp1252); null refuses such files."
+    )
     train_size: int = Field(250, gt=0, description="Labelled training rows (stratified).")
     val_size: int = Field(250, gt=0, description="Validation rows, used to pick checkpoints.")
     test_size: int | None = Field(None, gt=0, description="Test rows; null takes every remaining row.")
+
+    @field_validator("encoding_fallback")
+    @classmethod
+    def _known_codec(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                codecs.lookup(value)
+            except LookupError:
+                raise ValueError(f"unknown codec {value!r}") from None
+        return value
 
 
 class ModelParams(_Section):
@@ -102,8 +128,11 @@ class Params(_Section):
     @field_validator("data")
     @classmethod
     def _columns_differ(cls, data: DataParams) -> DataParams:
-        if data.text_column == data.label_column:
-            raise ValueError("text_column and label_column must differ")
+        named = [data.text_column, data.label_column, data.id_column, *data.group_columns]
+        named += [c for c in (data.split_column, data.domain_column) if c]
+        repeated = sorted({c for c in named if named.count(c) > 1})
+        if repeated:
+            raise ValueError(f"a column may play one role only; {repeated} named more than once")
         return data
 
 

@@ -23,10 +23,15 @@ class Layout:
     def _p(self, relative: str) -> Path:
         return Path(self.root) / relative
 
-    # resolved sources: written by `graft sources` (and `graft run`), read by dvc.yaml's `vars`
+    # resolved sources: written by `graft sources` (and `graft run`), read by dvc.yaml's `vars`,
+    # so DVC hashes the bytes behind data.source and model.ref
     @property
-    def sources_file(self) -> Path:
-        return self._p("data/sources.yaml")
+    def data_source_file(self) -> Path:
+        return self._p("data/source.yaml")
+
+    @property
+    def model_source_file(self) -> Path:
+        return self._p("models/source.yaml")
 
     # prepare
     @property

@@ -9,17 +9,28 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+import pandas as pd  # noqa: E402
 from scipy.stats import binomtest  # noqa: E402
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score  # noqa: E402
 
 from graft import config  # noqa: E402
+from graft.baselines import load_tfidf  # noqa: E402
 from graft.errors import exits_cleanly  # noqa: E402
 from graft.files import atomic_path, write_json  # noqa: E402
+from graft.layout import Layout  # noqa: E402
 from graft.modeling import load_classifier, load_tokenizer, predict_proba, select_device  # noqa: E402
-from tasks.prepare import OUT_DIR as PREPARED_DIR  # noqa: E402
-from tasks.prepare import load_split  # noqa: E402
-from tasks.train import BASELINES_DIR, FINETUNED_DIR, load_tfidf  # noqa: E402
+
+_LAYOUT = Layout()
+PRETRAINED_DIR = _LAYOUT.pretrained_dir
+PREPARED_DIR = _LAYOUT.prepared_dir
+FINETUNED_DIR = _LAYOUT.finetuned_dir
+BASELINES_DIR = _LAYOUT.baselines_dir
+
+
+def load_split(name: str, prepared_dir: Path = PREPARED_DIR) -> pd.DataFrame:
+    return pd.read_parquet(prepared_dir / f"{name}.parquet")
+
 
 REPORTS = Path("reports")
 PLOTS = REPORTS / "plots"

@@ -6,18 +6,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from sklearn.linear_model import LogisticRegression
 
 from graft import config
 from graft.errors import exits_cleanly
 from graft.files import atomic_path, write_json
+from graft.layout import SPLITS, Layout, require
 from graft.modeling import embed, load_encoder, load_tokenizer, select_device
-from tasks.fetch import OUT_DIR as PRETRAINED_DIR
-from tasks.prepare import OUT_DIR as PREPARED_DIR
-from tasks.prepare import SPLITS, load_split
-
-OUT_DIR = Path("data/features")
-REPORT = Path("reports/transferability.json")
 
 
 def logme(features: np.ndarray, labels: np.ndarray, max_iter: int = 11) -> float:
@@ -62,16 +58,19 @@ def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, 
     return float((probe.predict(val_x) == val_y).mean())
 
 
-def features(params: config.Params, out_dir: Path = OUT_DIR, report: Path = REPORT) -> dict:
+def features(params: config.Params, *, pretrained_dir: Path, prepared_dir: Path, out_dir: Path,
+             report: Path) -> dict:
     """Embed train/val/test and write one .npy per split plus the transferability report."""
+    splits = {split: prepared_dir / f"{split}.parquet" for split in SPLITS}
+    require(pretrained_dir / "config.json", *splits.values())
     device = select_device()
     trust = params.model.trust_remote_code
-    tokenizer = load_tokenizer(PRETRAINED_DIR, trust_remote_code=trust)
-    encoder = load_encoder(PRETRAINED_DIR, trust_remote_code=trust)
+    tokenizer = load_tokenizer(pretrained_dir, trust_remote_code=trust)
+    encoder = load_encoder(pretrained_dir, trust_remote_code=trust)
     started = time.perf_counter()
     embedded, labels = {}, {}
-    for split in SPLITS:
-        frame = load_split(split, PREPARED_DIR)
+    for split, path in splits.items():
+        frame = pd.read_parquet(path, columns=["text", "label_id"])
         embedded[split] = embed(
             encoder, tokenizer, frame["text"].tolist(), max_length=params.model.max_length,
             batch_size=params.features.batch_size, device=device, desc=f"embed {split}",
@@ -82,22 +81,24 @@ def features(params: config.Params, out_dir: Path = OUT_DIR, report: Path = REPO
         for split, matrix in embedded.items():
             np.save(tmp / f"{split}.npy", matrix)
     result = {
-        "backbone": str(PRETRAINED_DIR),
+        "backbone": str(pretrained_dir),
         "pooling": "mean",
-        "device": device.type,
-        "seconds": round(time.perf_counter() - started, 2),
         "logme": logme(embedded["train"], labels["train"]),
         "probe_val_accuracy": probe_accuracy(embedded["train"], labels["train"], embedded["val"], labels["val"], params.seed),
         "dims": int(embedded["train"].shape[1]),
         "rows": {split: int(m.shape[0]) for split, m in embedded.items()},
     }
     write_json(report, result)
-    return result
+    # run facts stay out of the report: it is a dependency of register, and must not change
+    # when the same features are computed again
+    return {**result, "seconds": round(time.perf_counter() - started, 2), "device": device.type}
 
 
 @exits_cleanly
 def main() -> None:
-    result = features(config.load())
+    layout = Layout()
+    result = features(config.load(), pretrained_dir=layout.pretrained_dir, prepared_dir=layout.prepared_dir,
+                      out_dir=layout.features_dir, report=layout.transferability)
     print(  # noqa: T201
         f"features: {sum(result['rows'].values())} texts embedded in {result['seconds']}s; "
         f"LogME {result['logme']:.3f}, frozen probe val accuracy {result['probe_val_accuracy']:.3f}"

@@ -9,9 +9,10 @@ from pathlib import Path
 from graft import config
 from graft.errors import GraftError, exits_cleanly
 from graft.files import atomic_path, sha256_file, write_json
-from graft.sources import HUB_ID, PACKAGE_PREFIX, package_path
+from graft.layout import Layout
+from graft.modeling_refs import resolve_model_path
+from graft.sources import PACKAGE_PREFIX, read_source_file
 
-OUT_DIR = Path("models/pretrained")
 # What a backbone needs, and nothing that could execute on load.
 KEEP_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*", "README.md"]
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
@@ -22,20 +23,14 @@ def keep_patterns(trust_remote_code: bool) -> list[str]:
     return [*KEEP_PATTERNS, "*.py"] if trust_remote_code else KEEP_PATTERNS
 
 
-def resolve(ref: str, revision: str | None, *, trust_remote_code: bool = False) -> tuple[Path, dict]:
-    """Return a local folder for the reference and a description of where it came from."""
-    if ref.startswith(PACKAGE_PREFIX):
-        path = package_path(ref)
-        return path, {"kind": "package", "ref": ref, "path": str(path)}
-    local = Path(ref).expanduser()
-    if local.is_dir():
-        return local, {"kind": "local", "ref": ref, "path": str(local.resolve())}
-    if ref.startswith((".", "/", "~")) or not HUB_ID.match(ref):
-        raise GraftError(
-            f"model.ref={ref!r}: unknown model reference: not an installed package "
-            f"('{PACKAGE_PREFIX}NAME/dir'), not a local folder, not a hub id ('owner/name')"
-        )
-    return _download(ref, revision, trust_remote_code=trust_remote_code)
+def resolve(ref: str, revision: str | None, *, commit: str | None = None,
+            trust_remote_code: bool = False) -> tuple[Path, dict]:
+    """Return a local folder for the reference and a description of where it came from
+    (no machine-specific paths: the manifest is part of a DVC output compared across machines)."""
+    path = resolve_model_path(ref)
+    if path is not None:
+        return path, {"kind": "package" if ref.startswith(PACKAGE_PREFIX) else "local", "ref": ref}
+    return _download(ref, commit or revision, trust_remote_code=trust_remote_code)
 
 
 def _download(repo_id: str, revision: str | None, *, trust_remote_code: bool) -> tuple[Path, dict]:
@@ -47,7 +42,7 @@ def _download(repo_id: str, revision: str | None, *, trust_remote_code: bool) ->
     )
 
     try:
-        commit = HfApi().model_info(repo_id, revision=revision).sha
+        commit = revision if revision and len(revision) == 40 else HfApi().model_info(repo_id, revision=revision).sha
         path = snapshot_download(repo_id, revision=commit, allow_patterns=keep_patterns(trust_remote_code))
     except RepositoryNotFoundError:
         raise GraftError(f"model.ref={repo_id!r}: unknown model reference: no such model on the Hugging Face Hub") from None
@@ -82,12 +77,16 @@ def copy_model(src: Path, dst: Path, *, trust_remote_code: bool) -> list[str]:
 
 def describe(model_dir: Path, *, trust_remote_code: bool) -> dict:
     """Load the copy (config, tokenizer, weights) to prove it works; return its architecture."""
+    from safetensors import SafetensorError
+
     from graft.modeling import load_encoder, load_tokenizer
 
     try:
         load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
         encoder = load_encoder(model_dir, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as err:
+    except SafetensorError as err:
+        raise GraftError(f"{model_dir}: corrupt or truncated safetensors weights: {err}") from None
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise GraftError(f"{model_dir}: not a loadable transformers encoder: {err}") from None
     cfg = encoder.config
     return {
@@ -100,10 +99,22 @@ def describe(model_dir: Path, *, trust_remote_code: bool) -> dict:
     }
 
 
-def fetch(params: config.Params, out_dir: Path = OUT_DIR) -> dict:
+def check_source_file(params: config.ModelParams, source_file: Path) -> str | None:
+    """The path DVC hashed must describe the model configured now; returns the pinned hub commit."""
+    pinned = read_source_file(source_file)
+    if pinned.get("model_source_ref") != params.ref or pinned.get("model_source_revision") != params.revision:
+        raise GraftError(
+            f"{source_file}: describes model.ref={pinned.get('model_source_ref')!r}, but params.yaml has "
+            f"{params.ref!r}; run `graft sources` (graft run does it before the stages)"
+        )
+    return pinned.get("model_source_commit")
+
+
+def fetch(params: config.Params, *, source_file: Path, out_dir: Path) -> dict:
     """Resolve, copy, verify and describe the backbone; return the manifest."""
     m = params.model
-    src, origin = resolve(m.ref, m.revision, trust_remote_code=m.trust_remote_code)
+    commit = check_source_file(m, source_file)
+    src, origin = resolve(m.ref, m.revision, commit=commit, trust_remote_code=m.trust_remote_code)
     with atomic_path(out_dir) as tmp:
         kept = copy_model(src, tmp, trust_remote_code=m.trust_remote_code)
         manifest = {
@@ -117,10 +128,11 @@ def fetch(params: config.Params, out_dir: Path = OUT_DIR) -> dict:
 
 @exits_cleanly
 def main() -> None:
-    manifest = fetch(config.load())
+    layout = Layout()
+    manifest = fetch(config.load(), source_file=layout.model_source_file, out_dir=layout.pretrained_dir)
     arch = manifest["architecture"]
     print(  # noqa: T201
-        f"fetch: {manifest['source']['ref']} -> {OUT_DIR} "
+        f"fetch: {manifest['source']['ref']} -> {layout.pretrained_dir} "
         f"({arch['model_type']}, {arch['num_hidden_layers']} layers, {arch['num_parameters']:,} parameters)"
     )
 

@@ -1,85 +1,39 @@
-"""prepare: read the source, validate it, split it (stratified, seeded), write parquet + a data card."""
+"""prepare: snapshot the source's bytes, validate them, split (stratified, seeded), and write
+the splits, a row index and a data card a person reads."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
-import pandas as pd
-from sklearn.model_selection import train_test_split
+import matplotlib
 
-from graft import config
-from graft.errors import GraftError, exits_cleanly
-from graft.files import atomic_path, write_json
-from graft.sources import read_table
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
 
-OUT_DIR = Path("data/prepared")
-SPLITS = ("train", "val", "test")
+from graft import config  # noqa: E402
+from graft.dataset import SPLITS, Validated, fingerprint, split_frame, validate_frame  # noqa: E402
+from graft.errors import GraftError, exits_cleanly  # noqa: E402
+from graft.files import atomic_path, atomic_write_text, write_json  # noqa: E402
+from graft.layout import Layout  # noqa: E402
+from graft.sources import read_source_file, read_table_with_notes, snapshot  # noqa: E402
 
 
-def validate_frame(frame: pd.DataFrame, *, text_column: str, label_column: str, source: str) -> pd.DataFrame:
-    """Check columns, texts and labels; return a frame with `text` and `label` (str) columns."""
-    missing = [c for c in (text_column, label_column) if c not in frame.columns]
-    if missing:
+def check_source_file(params: config.DataParams, source_file: Path) -> None:
+    """The path DVC hashed (dvc.yaml `vars`) must describe the source configured now."""
+    pinned = read_source_file(source_file)
+    if pinned.get("data_source_ref") != params.source or pinned.get("data_source_revision") != params.revision:
         raise GraftError(
-            f"{source}: missing column(s) {missing}; found {list(frame.columns)} "
-            "(set data.text_column / data.label_column in params.yaml)"
+            f"{source_file}: describes data.source={pinned.get('data_source_ref')!r} "
+            f"(revision {pinned.get('data_source_revision')!r}), but params.yaml has {params.source!r} "
+            f"(revision {params.revision!r}); run `graft sources` (graft run does it before the stages)"
         )
-    frame = frame.reset_index(drop=True)
-    texts = frame[text_column]
-    empty = texts.isna() | texts.astype(str).str.strip().eq("")
-    if empty.any():
-        rows = [int(i) for i in frame.index[empty][:10]]
-        raise GraftError(f"{source}: {int(empty.sum())} empty text(s) in column {text_column!r}, rows {rows}")
-    labels = frame[label_column]
-    if labels.isna().any():
-        rows = [int(i) for i in frame.index[labels.isna()][:10]]
-        raise GraftError(f"{source}: {int(labels.isna().sum())} missing label(s) in column {label_column!r}, rows {rows}")
-    out = frame.rename(columns={text_column: "text", label_column: "label"})
-    out["text"] = out["text"].astype(str)
-    out["label"] = out["label"].astype(str)
-    if out["label"].nunique() < 2:
-        raise GraftError(f"{source}: column {label_column!r} has {out['label'].nunique()} class(es); at least 2 are needed")
-    if "id" not in out.columns:
-        out.insert(0, "id", [f"row-{i}" for i in range(len(out))])
-    out["id"] = out["id"].astype(str)
-    return out
 
 
-def split_frame(
-    frame: pd.DataFrame, *, train_size: int, val_size: int, test_size: int | None, seed: int, source: str
-) -> dict[str, pd.DataFrame]:
-    """Deterministic stratified train/val/test split; every class must reach every split."""
-    counts = frame["label"].value_counts()
-    too_small = sorted(counts[counts < 3].index)
-    if too_small:
-        raise GraftError(f"{source}: class(es) {too_small} have fewer than 3 rows; each split needs one")
-    wanted = train_size + val_size + (test_size or counts.size)
-    if wanted > len(frame):
-        raise GraftError(
-            f"{source}: {len(frame)} rows, but data.train_size + val_size + test_size ask for {wanted}"
-        )
-    # A stable order first, so the split depends on content, not on file-system listing order.
-    frame = frame.sort_values("id", kind="stable").reset_index(drop=True)
-    train, rest = train_test_split(frame, train_size=train_size, stratify=frame["label"], random_state=seed)
-    val, rest = train_test_split(rest, train_size=val_size, stratify=rest["label"], random_state=seed)
-    if test_size is not None and test_size < len(rest):
-        rest, _ = train_test_split(rest, train_size=test_size, stratify=rest["label"], random_state=seed)
-    return {"train": train, "val": val, "test": rest}
-
-
-def fingerprint(frame: pd.DataFrame) -> str:
-    """sha256 of the rows' ids, labels and texts in id order: the data set's content digest."""
-    digest = hashlib.sha256()
-    for row in frame.sort_values("id", kind="stable").itertuples(index=False):
-        for value in (row.id, row.label, row.text):
-            digest.update(value.encode("utf-8"))
-            digest.update(b"\x00")
-    return digest.hexdigest()
-
-
-def datacard(splits: dict[str, pd.DataFrame], classes: list[str], source: str) -> dict:
-    card: dict = {"source": source, "classes": classes, "splits": {}}
+def datacard(splits: dict[str, pd.DataFrame], validated: Validated, *, classes: list[str], source: str,
+             group_columns: list[str], domain_column: str | None, decoding: list[str]) -> dict:
+    card: dict = {"source": source, "classes": classes, "group_columns": group_columns,
+                  "domain_column": domain_column, "splits": {}}
     for name, frame in splits.items():
         chars = frame["text"].str.len()
         words = frame["text"].str.split().str.len()
@@ -88,43 +42,119 @@ def datacard(splits: dict[str, pd.DataFrame], classes: list[str], source: str) -
             "per_class": {c: int((frame["label"] == c).sum()) for c in classes},
             "text_chars": {"min": int(chars.min()), "median": float(chars.median()), "max": int(chars.max())},
             "text_words": {"min": int(words.min()), "median": float(words.median()), "max": int(words.max())},
+            "groups": {col: frame[col].value_counts().sort_index().to_dict() for col in group_columns},
             "fingerprint": fingerprint(frame),
         }
+        if domain_column:
+            card["splits"][name]["domains"] = frame["domain"].value_counts().sort_index().to_dict()
+    card["validation"] = {
+        "rows_valid": len(validated.frame),
+        "dropped_duplicates": validated.dropped_duplicates,
+        "conflicting_texts": validated.conflicts,
+        "dropped_conflicts": validated.dropped_conflicts,
+        "missing_group_values": validated.missing_groups,
+        "decoding": decoding,
+        "unused_rows": len(validated.frame) - sum(len(f) for f in splits.values()),
+    }
     card["fingerprint"] = fingerprint(pd.concat(list(splits.values())))
     return card
 
 
-def prepare(params: config.Params, out_dir: Path = OUT_DIR) -> dict:
-    """Read, validate, split and write the prepared data; return the data card."""
+def plot_text_lengths(splits: dict[str, pd.DataFrame], path: Path) -> None:
+    """Words per text, one histogram per split: truncation (model.max_length) shows here."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for name, frame in splits.items():
+        ax.hist(frame["text"].str.split().str.len(), bins=40, alpha=0.5, label=f"{name} ({len(frame)})")
+    ax.set_xlabel("words per text")
+    ax.set_ylabel("texts")
+    ax.set_title("Text length per split")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+
+
+def datacard_markdown(card: dict, plot_name: str) -> str:
+    """The data card as a page a person reads."""
+    classes = card["classes"]
+    lines = [f"# Data card\n\nSource: `{card['source']}`  \nFingerprint: `{card['fingerprint']}`\n",
+             "## Class balance\n", "| split | rows | " + " | ".join(classes) + " |",
+             "|---|---:|" + "---:|" * len(classes)]
+    for name, split in card["splits"].items():
+        lines.append(f"| {name} | {split['rows']} | " + " | ".join(str(split["per_class"][c]) for c in classes) + " |")
+    lines += ["", "## Text length", "", f"![words per text]({plot_name})", "",
+              "| split | median words | min | max |", "|---|---:|---:|---:|"]
+    for name, split in card["splits"].items():
+        w = split["text_words"]
+        lines.append(f"| {name} | {w['median']:.0f} | {w['min']} | {w['max']} |")
+    for column in card["group_columns"]:
+        lines += ["", f"## Group column `{column}`", "", "| split | " + " | ".join(
+            sorted({g for s in card["splits"].values() for g in s["groups"][column]})) + " |"]
+        values = sorted({g for s in card["splits"].values() for g in s["groups"][column]})
+        lines.append("|---|" + "---:|" * len(values))
+        for name, split in card["splits"].items():
+            lines.append(f"| {name} | " + " | ".join(str(split["groups"][column].get(v, 0)) for v in values) + " |")
+    if card["domain_column"]:
+        values = sorted({d for s in card["splits"].values() for d in s["domains"]})
+        lines += ["", f"## Domains (`{card['domain_column']}`)", "", "| split | " + " | ".join(values) + " |",
+                  "|---|" + "---:|" * len(values)]
+        for name, split in card["splits"].items():
+            lines.append(f"| {name} | " + " | ".join(str(split["domains"].get(v, 0)) for v in values) + " |")
+    v = card["validation"]
+    lines += ["", "## What validation changed", "",
+              f"- valid rows: {v['rows_valid']}; rows not used by any split: {v['unused_rows']}",
+              f"- exact duplicate texts dropped: {v['dropped_duplicates']}",
+              f"- texts under conflicting labels: {v['conflicting_texts']} (rows dropped: {v['dropped_conflicts']})"]
+    lines += [f"- missing values in `{c}`: {n} (kept as `(missing)`)" for c, n in v["missing_group_values"].items()]
+    lines += [f"- decoding: {note}" for note in v["decoding"]] or ["- decoding: every file was valid UTF-8"]
+    return "\n".join(lines) + "\n"
+
+
+def prepare(params: config.Params, *, source_file: Path, raw_dir: Path, out_dir: Path, datacard_md: Path,
+            plot: Path) -> dict:
+    """Snapshot, read, validate, split and write the prepared data; return the data card."""
     data = params.data
-    raw = read_table(data.source, data.revision)
-    frame = validate_frame(raw, text_column=data.text_column, label_column=data.label_column, source=data.source)
-    splits = split_frame(
-        frame, train_size=data.train_size, val_size=data.val_size, test_size=data.test_size,
-        seed=params.seed, source=data.source,
+    check_source_file(data, source_file)
+    copy = snapshot(data.source, data.revision, raw_dir)
+    raw, decoding = read_table_with_notes(copy, encoding_fallback=data.encoding_fallback)
+    validated = validate_frame(
+        raw, source=data.source, text_column=data.text_column, label_column=data.label_column,
+        id_column=data.id_column, split_column=data.split_column, group_columns=data.group_columns,
+        domain_column=data.domain_column, on_conflict=data.on_conflict,
     )
-    classes = sorted(frame["label"].unique())
+    splits = split_frame(validated.frame, train_size=data.train_size, val_size=data.val_size,
+                         test_size=data.test_size, seed=params.seed, source=data.source)
+    classes = sorted(validated.frame["label"].unique())
     label_ids = {c: i for i, c in enumerate(classes)}
-    card = datacard(splits, classes, data.source)
+    card = datacard(splits, validated, classes=classes, source=data.source, group_columns=list(data.group_columns),
+                    domain_column=data.domain_column, decoding=decoding)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         for name, split in splits.items():
-            split = split.assign(label_id=split["label"].map(label_ids)).reset_index(drop=True)
-            split.to_parquet(tmp / f"{name}.parquet", index=False)
+            split.assign(label_id=split["label"].map(label_ids)).to_parquet(tmp / f"{name}.parquet", index=False)
+        rows = pd.concat([split[["id", "label"]].assign(split=name) for name, split in splits.items()])
+        rows.sort_values("id", kind="stable").to_parquet(tmp / "rows.parquet", index=False)
         write_json(tmp / "datacard.json", card)
+    plot_text_lengths(splits, plot)
+    atomic_write_text(datacard_md, datacard_markdown(card, Path(plot).relative_to(datacard_md.parent).as_posix()))
     return card
-
-
-def load_split(name: str, prepared_dir: Path = OUT_DIR) -> pd.DataFrame:
-    return pd.read_parquet(prepared_dir / f"{name}.parquet")
 
 
 @exits_cleanly
 def main() -> None:
-    card = prepare(config.load())
+    layout = Layout()
+    card = prepare(config.load(), source_file=layout.data_source_file, raw_dir=layout.raw_dir,
+                   out_dir=layout.prepared_dir, datacard_md=layout.datacard_md,
+                   plot=layout.plots_dir / "text_lengths.png")
     sizes = ", ".join(f"{k}={v['rows']}" for k, v in card["splits"].items())
-    print(f"prepare: {len(card['classes'])} classes, {sizes}")  # noqa: T201
+    dropped = card["validation"]["dropped_duplicates"] + card["validation"]["dropped_conflicts"]
+    print(f"prepare: {len(card['classes'])} classes, {sizes}; {dropped} row(s) dropped; "  # noqa: T201
+          f"fingerprint {card['fingerprint'][:12]}")
 
 
 if __name__ == "__main__":
     main()
+
+
+__all__ = ["SPLITS", "prepare"]

@@ -12,9 +12,18 @@ import pandas as pd
 from graft import config
 from graft.errors import GraftError, exits_cleanly
 from graft.files import read_json, write_json
-from tasks.fetch import OUT_DIR as PRETRAINED_DIR
-from tasks.prepare import OUT_DIR as PREPARED_DIR
-from tasks.train import FINETUNED_DIR
+from graft.layout import Layout
+
+_LAYOUT = Layout()
+PRETRAINED_DIR = _LAYOUT.pretrained_dir
+PREPARED_DIR = _LAYOUT.prepared_dir
+FINETUNED_DIR = _LAYOUT.finetuned_dir
+BASELINES_DIR = _LAYOUT.baselines_dir
+
+
+def load_split(name: str, prepared_dir: Path = PREPARED_DIR) -> pd.DataFrame:
+    return pd.read_parquet(prepared_dir / f"{name}.parquet")
+
 
 REPORTS = Path("reports")
 OUT = REPORTS / "registration.json"

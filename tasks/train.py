@@ -7,10 +7,11 @@ import json
 import math
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from sklearn.feature_extraction.text import TfidfVectorizer
@@ -19,8 +20,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from graft import config
+from graft.baselines import load_tfidf  # noqa: F401  (re-exported for callers of the old path)
 from graft.errors import exits_cleanly
 from graft.files import atomic_path, write_json
+from graft.layout import Layout
 from graft.modeling import (
     autocast,
     build_classifier,
@@ -32,12 +35,17 @@ from graft.modeling import (
     select_device,
     tokenize,
 )
-from tasks.fetch import OUT_DIR as PRETRAINED_DIR
-from tasks.prepare import OUT_DIR as PREPARED_DIR
-from tasks.prepare import load_split
 
-FINETUNED_DIR = Path("models/finetuned")
-BASELINES_DIR = Path("models/baselines")
+_LAYOUT = Layout()
+PRETRAINED_DIR = _LAYOUT.pretrained_dir
+PREPARED_DIR = _LAYOUT.prepared_dir
+FINETUNED_DIR = _LAYOUT.finetuned_dir
+BASELINES_DIR = _LAYOUT.baselines_dir
+
+
+def load_split(name: str, prepared_dir: Path = PREPARED_DIR) -> pd.DataFrame:
+    return pd.read_parquet(prepared_dir / f"{name}.parquet")
+
 REPORT = Path("reports/train.json")
 TRAINING_STATE = "training.json"
 
@@ -166,26 +174,6 @@ def train_tfidf(params: config.Params, *, texts: Sequence[str], labels: np.ndarr
                  "vocabulary_size": len(vocabulary), "seconds": round(time.perf_counter() - started, 2)}
         write_json(tmp / TRAINING_STATE, state)
     return state
-
-
-def load_tfidf(model_dir: Path) -> Callable[[Sequence[str]], np.ndarray]:
-    """Rebuild the TF-IDF baseline from its files; returns texts -> class probabilities."""
-    state = json.loads((model_dir / TRAINING_STATE).read_text())
-    vocabulary = json.loads((model_dir / "vocabulary.json").read_text())
-    with np.load(model_dir / "weights.npz", allow_pickle=False) as weights:
-        idf, coef, intercept = weights["idf"], weights["coef"], weights["intercept"]
-    vectorizer = TfidfVectorizer(ngram_range=(1, state["ngram_max"]), sublinear_tf=True, vocabulary=vocabulary)
-    vectorizer.idf_ = idf
-
-    def predict(texts: Sequence[str]) -> np.ndarray:
-        scores = vectorizer.transform(texts) @ coef.T + intercept
-        if coef.shape[0] == 1:  # binary logistic regression stores one row
-            scores = np.hstack([-scores, scores])
-        scores = scores - scores.max(axis=1, keepdims=True)
-        proba = np.exp(scores)
-        return proba / proba.sum(axis=1, keepdims=True)
-
-    return predict
 
 
 def train(params: config.Params) -> dict:

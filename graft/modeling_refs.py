@@ -1,0 +1,39 @@
+"""Model references: an installed package's folder, a local folder, or a Hugging Face hub id."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from graft.errors import GraftError
+from graft.sources import HUB_ID, PACKAGE_PREFIX, package_path
+
+
+def resolve_model_path(ref: str) -> Path | None:
+    """The local folder behind a package or path reference; None for a hub id."""
+    if ref.startswith(PACKAGE_PREFIX):
+        return package_path(ref)
+    local = Path(ref).expanduser()
+    if local.is_dir():
+        return local
+    if ref.startswith((".", "/", "~")) or not HUB_ID.match(ref):
+        raise GraftError(
+            f"model.ref={ref!r}: unknown model reference: not an installed package "
+            f"('{PACKAGE_PREFIX}NAME/dir'), not a local folder, not a hub id ('owner/name')"
+        )
+    return None
+
+
+def hub_model_commit(repo_id: str, revision: str | None) -> str:
+    """The commit a hub model's revision points at now."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        return str(HfApi().model_info(repo_id, revision=revision).sha)
+    except RepositoryNotFoundError:
+        raise GraftError(f"model.ref={repo_id!r}: unknown model reference: no such model on the Hugging Face Hub") from None
+    except Exception as err:  # the hub's HTTP stack raises its own connection errors
+        raise GraftError(
+            f"model.ref={repo_id!r}: cannot reach the Hugging Face Hub ({type(err).__name__}: {err}); "
+            "use a local folder or an installed package offline"
+        ) from None
