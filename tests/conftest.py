@@ -78,10 +78,33 @@ def make_workspace(root: Path, params: dict) -> Path:
 
 @pytest.fixture
 def workspace(tmp_path, tiny_model_dir, monkeypatch) -> Path:
-    """A fresh workspace, made the current directory (stages read and write relative paths)."""
+    """A fresh workspace with pinned sources, made the current directory (stages read and write
+    relative paths)."""
     root = make_workspace(tmp_path / "ws", tiny_params(tiny_model_dir))
     monkeypatch.chdir(root)
+    pin_sources(root)
     return root
+
+
+def pin_sources(root: Path) -> None:
+    """Write data/source.yaml and models/source.yaml from the workspace's params.yaml."""
+    from graft.layout import Layout
+    from graft.pins import write_sources
+
+    write_sources(load_params(root), Layout(root))
+
+
+def run_prepare(root: Path, params=None) -> dict:
+    """The prepare stage's function on the workspace's layout (sources pinned for `params`)."""
+    from graft.layout import Layout
+    from graft.pins import write_sources
+    from tasks.prepare import prepare
+
+    params = params or load_params(root)
+    layout = Layout(root)
+    write_sources(params, layout)
+    return prepare(params, source_file=layout.data_source_file, raw_dir=layout.raw_dir, out_dir=layout.prepared_dir,
+                   datacard_md=layout.datacard_md, plot=layout.plots_dir / "text_lengths.png")
 
 
 def load_params(root: Path):
