@@ -1,4 +1,5 @@
-"""The TF-IDF baseline: a model with no pretraining, so negative transfer is measurable."""
+"""Loading the TF-IDF baseline without importing the train stage (moved from tasks/train.py as-is;
+the TF-IDF persistence is owned by issue 7 and may change behind this one function)."""
 
 from __future__ import annotations
 

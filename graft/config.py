@@ -97,12 +97,37 @@ class TrainParams(_Section):
 class EvaluateParams(_Section):
     bootstrap_samples: int = Field(1000, ge=100, description="Resamples for confidence intervals.")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="Confidence level of the intervals.")
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="Significance level of the paired test behind the verdict.")
+    finding_flip_rate: float = Field(0.05, ge=0, le=1, description="Flip rate reported as a finding (Giskard's scan: 5%).")
+    major_flip_rate: float = Field(0.10, ge=0, le=1, description="Flip rate reported as a major finding (Giskard: 10%).")
+    tv_tolerance: float = Field(0.1, ge=0, le=1, description="Probability change that counts (CheckList's invariance tolerance).")
+    max_probe_texts: int = Field(200, gt=0, description="Test texts per swap direction and per perturbation (seeded sample).")
+    examples: int = Field(3, ge=0, description="Texts shown per probe: those whose prediction moved most.")
+    identity_terms: str = Field("graft/probes/identity_terms.csv", min_length=1,
+                                description="axis,group,term CSV of identity terms swapped by counterfactual probes.")
+    template_probes: str | None = Field("graft/probes/sentiment_templates.csv",
+                                        description="text,template,<axis>... CSV scored by every candidate; null skips.")
+    probe_C: float = Field(1.0, gt=0, description="Inverse L2 strength of the frozen-backbone linear probe.")
+
+    @field_validator("major_flip_rate")
+    @classmethod
+    def _major_above_finding(cls, major: float, info) -> float:
+        finding = info.data.get("finding_flip_rate")
+        if finding is not None and major < finding:
+            raise ValueError(f"must be at least finding_flip_rate ({finding})")
+        return major
 
 
 class GateParams(_Section):
+    required_verdict: Literal["positive", "no_gain", "any"] = Field(
+        "positive", description="Weakest transfer verdict accepted: positive, no_gain (not worse), or any.")
+    min_margin: float = Field(0.0, description="Lowest accuracy margin over the best baseline, in points.")
     min_accuracy: float = Field(0.8, ge=0, le=1, description="Lowest test accuracy to register.")
     min_macro_f1: float = Field(0.8, ge=0, le=1, description="Lowest test macro-F1 to register.")
-    require_positive_transfer: bool = Field(True, description="Refuse models that lose to a baseline.")
+    max_group_gap: float = Field(0.10, ge=0, le=1, description="Largest accuracy or macro-F1 gap between groups.")
+    max_counterfactual_flip_rate: float = Field(0.10, ge=0, le=1,
+                                                description="Largest flip rate of any identity axis.")
+    max_robustness_flip_rate: float = Field(0.10, ge=0, le=1, description="Largest flip rate of any perturbation.")
 
 
 class RegisterParams(_Section):

@@ -119,6 +119,10 @@ class Layout:
         return self._p("reports/bias.json")
 
     @property
+    def robustness(self) -> Path:
+        return self._p("reports/robustness.json")
+
+    @property
     def gate(self) -> Path:
         return self._p("reports/gate.json")
 
@@ -148,6 +152,7 @@ PRODUCED_BY = {
     "reports/transfer.json": "evaluate",
     "reports/gate.json": "evaluate",
     "reports/bias.json": "evaluate",
+    "reports/robustness.json": "evaluate",
 }
 
 

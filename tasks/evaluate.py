@@ -1,191 +1,337 @@
-"""evaluate: test metrics of every candidate, the negative-transfer verdict, the gate, and plots."""
+"""evaluate: every candidate's test metrics with intervals, the three-way transfer verdict, bias
+(inherited from the backbone or added by fine-tuning), robustness, one gate over all of it, and
+the report a person reads."""
 
 from __future__ import annotations
 
-import json
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np
-import pandas as pd  # noqa: E402
-from scipy.stats import binomtest  # noqa: E402
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score  # noqa: E402
+import pandas as pd
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import confusion_matrix, f1_score
 
-from graft import config  # noqa: E402
-from graft.baselines import load_tfidf  # noqa: E402
-from graft.errors import exits_cleanly  # noqa: E402
-from graft.files import atomic_path, write_json  # noqa: E402
-from graft.layout import Layout  # noqa: E402
-from graft.modeling import load_classifier, load_tokenizer, predict_proba, select_device  # noqa: E402
+from graft import config
+from graft.baselines import load_tfidf
+from graft.bias import (
+    Predictor,
+    cooccurrence,
+    counterfactual_pairs,
+    counterfactual_probe,
+    group_metrics,
+    load_identity_terms,
+    load_template_probes,
+    template_probe,
+)
+from graft.errors import GraftError, exits_cleanly
+from graft.files import atomic_path, atomic_write_text, read_json, write_json
+from graft.layout import Layout, require
+from graft.modeling import (
+    embed,
+    load_classifier,
+    load_encoder,
+    load_tokenizer,
+    predict_proba,
+    select_device,
+)
+from graft.report import (
+    candidates_png,
+    confusion_png,
+    gate_failure_message,
+    grouped_bars_png,
+    render_html,
+)
+from graft.robustness import perturb, robustness_probe
+from graft.stats import (
+    bootstrap_indices,
+    point_scores,
+    transfer_verdict,
+    verdict_sentence,
+    with_intervals,
+)
 
-_LAYOUT = Layout()
-PRETRAINED_DIR = _LAYOUT.pretrained_dir
-PREPARED_DIR = _LAYOUT.prepared_dir
-FINETUNED_DIR = _LAYOUT.finetuned_dir
-BASELINES_DIR = _LAYOUT.baselines_dir
-
-
-def load_split(name: str, prepared_dir: Path = PREPARED_DIR) -> pd.DataFrame:
-    return pd.read_parquet(prepared_dir / f"{name}.parquet")
-
-
-REPORTS = Path("reports")
-PLOTS = REPORTS / "plots"
 PROPOSED = "finetune"
 BASELINES = ("scratch", "tfidf")
+BACKBONE_PROBE = "backbone_probe"
+VERDICT_RANK = {"negative": 0, "no_gain": 1, "positive": 2}
+REQUIRED_RANK = {"any": 0, "no_gain": 1, "positive": 2}
 
 
-def scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
+def robustness_path(layout: Layout) -> Path:
+    """reports/robustness.json (to move into graft.layout as `Layout.robustness`)."""
+    return layout.reports_dir / "robustness.json"
+
+
+def cached(predict: Predictor) -> Predictor:
+    """Memoise a predictor on the exact list of texts, so the test set is scored once per candidate."""
+    memo: dict[tuple, np.ndarray] = {}
+
+    def wrapped(texts: Sequence[str]) -> np.ndarray:
+        key = tuple(texts)
+        if key not in memo:
+            memo[key] = predict(list(texts))
+        return memo[key]
+
+    return wrapped
+
+
+def transformer_predictor(model_dir: Path, params: config.Params, device, name: str) -> Predictor:
+    """A saved classifier as texts -> probabilities, through the length-sorted inference loop."""
+    trust = params.model.trust_remote_code
+    tokenizer, model = load_tokenizer(model_dir, trust_remote_code=trust), load_classifier(model_dir, trust_remote_code=trust)
+    return lambda texts: predict_proba(model, tokenizer, texts, max_length=params.model.max_length,
+                                       batch_size=params.features.batch_size, device=device, desc=name)
+
+
+def backbone_probe(pretrained_dir: Path, params: config.Params, device, *, texts: Sequence[str],
+                   labels: np.ndarray, n_classes: int) -> Predictor:
+    """Logistic regression on the frozen backbone's mean-pooled embeddings: what pretraining alone
+    brings, before fine-tuning moves any weight."""
+    trust = params.model.trust_remote_code
+    tokenizer, encoder = load_tokenizer(pretrained_dir, trust_remote_code=trust), load_encoder(pretrained_dir, trust_remote_code=trust)
+
+    def features(batch: Sequence[str]) -> np.ndarray:
+        return embed(encoder, tokenizer, batch, max_length=params.model.max_length,
+                     batch_size=params.features.batch_size, device=device, desc=BACKBONE_PROBE)
+
+    clf = LogisticRegression(C=params.evaluate.probe_C, max_iter=2000, random_state=params.seed)
+    clf.fit(features(texts), labels)
+
+    def predict(batch: Sequence[str]) -> np.ndarray:
+        out = np.zeros((len(batch), n_classes), dtype=np.float32)
+        if len(batch):
+            out[:, clf.classes_] = clf.predict_proba(features(batch))  # classes missing from train get 0
+        return out
+
+    return predict
+
+
+def load_candidates(layout: Layout, params: config.Params, *, train: pd.DataFrame, n_classes: int) -> dict[str, Predictor]:
+    """Every candidate the train stage wrote, plus the frozen-backbone probe, as predictors."""
+    require(layout.finetuned_dir, layout.baselines_dir, layout.pretrained_dir, root=layout.root)
+    device = select_device()
     return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
-        "n": int(len(y_true)),
+        PROPOSED: transformer_predictor(layout.finetuned_dir, params, device, PROPOSED),
+        "scratch": transformer_predictor(layout.baselines_dir / "scratch", params, device, "scratch"),
+        "tfidf": load_tfidf(layout.baselines_dir / "tfidf"),
+        BACKBONE_PROBE: backbone_probe(layout.pretrained_dir, params, device, texts=train["text"].tolist(),
+                                       labels=train["label_id"].to_numpy(), n_classes=n_classes),
     }
 
 
-def bootstrap_indices(n: int, samples: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, n, size=(samples, n))
+def gate(params: config.GateParams, *, metrics: Mapping, verdict: Mapping, group_gap: float | None,
+         counterfactual_flip_rate: float | None, robustness_flip_rate: float | None) -> dict:
+    """One check per threshold, each {name, value, threshold, passed}; a measure that could not be
+    taken (no group columns, no probe texts) passes with value None."""
+    def upper(name: str, value: float | None, threshold: float) -> dict:
+        return {"name": name, "value": value, "threshold": threshold, "passed": value is None or value <= threshold}
 
-
-def interval(values: np.ndarray, confidence: float) -> list[float]:
-    tail = (1 - confidence) / 2 * 100
-    return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
-
-
-def with_intervals(y_true: np.ndarray, y_pred: np.ndarray, resamples: np.ndarray, confidence: float) -> dict:
-    """Point metrics plus percentile-bootstrap confidence intervals over test rows."""
-    out = scores(y_true, y_pred)
-    acc = np.array([accuracy_score(y_true[i], y_pred[i]) for i in resamples])
-    f1 = np.array([f1_score(y_true[i], y_pred[i], average="macro", zero_division=0) for i in resamples])
-    out["accuracy_ci"] = interval(acc, confidence)
-    out["macro_f1_ci"] = interval(f1, confidence)
-    return out
-
-
-def transfer_verdict(
-    y_true: np.ndarray, proposed: np.ndarray, baselines: dict[str, np.ndarray], resamples: np.ndarray, confidence: float
-) -> dict:
-    """Does the transferred model beat the best baseline? Margin, paired-bootstrap CI, McNemar test."""
-    accuracy = {name: float(accuracy_score(y_true, pred)) for name, pred in baselines.items()}
-    best = max(accuracy, key=lambda name: (accuracy[name], name))
-    right_p, right_b = proposed == y_true, baselines[best] == y_true
-    diffs = np.array([right_p[i].mean() - right_b[i].mean() for i in resamples])
-    only_p, only_b = int((right_p & ~right_b).sum()), int((~right_p & right_b).sum())
-    # exact McNemar: of the rows where exactly one model is right, is the split 50/50?
-    p_value = float(binomtest(only_p, only_p + only_b, 0.5).pvalue) if only_p + only_b else 1.0
-    margin = float(right_p.mean() - right_b.mean())
-    return {
-        "best_baseline": best,
-        "margin": margin,
-        "margin_ci": interval(diffs, confidence),
-        "negative_transfer": margin <= 0,
-        "significant": bool(p_value < 1 - confidence and margin > 0),
-        "test": {"name": "exact McNemar (two-sided) on paired test predictions", "p_value": p_value,
-                 "only_transferred_right": only_p, "only_baseline_right": only_b},
-    }
-
-
-def gate(params: config.GateParams, metrics: dict, verdict: dict) -> dict:
     checks = [
+        {"name": "verdict", "value": verdict["verdict"], "threshold": params.required_verdict,
+         "passed": VERDICT_RANK[verdict["verdict"]] >= REQUIRED_RANK[params.required_verdict]},
+        {"name": "min_margin", "value": verdict["margin_points"], "threshold": params.min_margin,
+         "passed": verdict["margin_points"] >= params.min_margin},
         {"name": "min_accuracy", "value": metrics["accuracy"], "threshold": params.min_accuracy,
          "passed": metrics["accuracy"] >= params.min_accuracy},
         {"name": "min_macro_f1", "value": metrics["macro_f1"], "threshold": params.min_macro_f1,
          "passed": metrics["macro_f1"] >= params.min_macro_f1},
+        upper("max_group_gap", group_gap, params.max_group_gap),
+        upper("max_counterfactual_flip_rate", counterfactual_flip_rate, params.max_counterfactual_flip_rate),
+        upper("max_robustness_flip_rate", robustness_flip_rate, params.max_robustness_flip_rate),
     ]
-    if params.require_positive_transfer:
-        checks.append({"name": "positive_transfer", "value": verdict["margin"], "threshold": 0.0,
-                       "passed": not verdict["negative_transfer"]})
     return {"passed": all(c["passed"] for c in checks), "checks": checks}
 
 
-def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], path: Path, title: str) -> None:
-    matrix = confusion_matrix(y_true, y_pred, labels=range(len(classes)))
-    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2, 1.2 * len(classes) + 1.5))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    for (i, j), count in np.ndenumerate(matrix):
-        ax.text(j, i, str(count), ha="center", va="center", color="white" if count > matrix.max() / 2 else "black")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+def _resolve(path: str, layout: Layout) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else Path(layout.root) / p
 
 
-def predict_all(params: config.Params, texts: dict[str, list[str]]) -> dict[str, dict[str, np.ndarray]]:
-    """Predicted class ids of every candidate on every split given."""
-    device = select_device()
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for name, model_dir in ((PROPOSED, FINETUNED_DIR), ("scratch", BASELINES_DIR / "scratch")):
-        tokenizer = load_tokenizer(model_dir)
-        model = load_classifier(model_dir)
-        out[name] = {
-            split: predict_proba(model, tokenizer, split_texts, max_length=params.model.max_length,
-                                 batch_size=params.features.batch_size, device=device,
-                                 desc=f"{name} {split}").argmax(1)
-            for split, split_texts in texts.items()
+def assess(
+    predictors: Mapping[str, Predictor], *, params: config.Params, layout: Layout,
+    train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, classes: list[str], group_columns: Sequence[str],
+    domain_column: str | None = None,
+) -> dict:
+    """Everything evaluate reports, from predictors and data frames (no model files): tests call it
+    with planted models."""
+    e, n_classes = params.evaluate, len(classes)
+    predictors = {name: cached(p) for name, p in predictors.items()}
+    test_texts, val_texts = test["text"].tolist(), val["text"].tolist()
+    proba = {name: p(test_texts) for name, p in predictors.items()}
+    pred = {name: pr.argmax(1) for name, pr in proba.items()}
+    y_test, y_val = test["label_id"].to_numpy(), val["label_id"].to_numpy()
+
+    resamples = bootstrap_indices(len(y_test), e.bootstrap_samples, params.seed)
+    candidates = {
+        name: {"role": "transferred" if name == PROPOSED else "backbone_probe" if name == BACKBONE_PROBE else "baseline",
+               "test": with_intervals(y_test, pred[name], resamples, e.confidence, n_classes)}
+        for name in predictors
+    }
+    for name, c in candidates.items():
+        if name != BACKBONE_PROBE:
+            c["val"] = point_scores(y_val, predictors[name](val_texts).argmax(1), n_classes)
+    verdict = transfer_verdict(y_test, pred[PROPOSED], {b: pred[b] for b in BASELINES if b in pred}, resamples,
+                               confidence=e.confidence, alpha=e.alpha)
+    transfer = {"proposed": PROPOSED, "candidates": candidates, "confidence": e.confidence, **verdict}
+    metrics = {"model": PROPOSED}
+    for split, y, texts in (("test", y_test, test_texts), ("val", y_val, val_texts)):
+        p = predictors[PROPOSED](texts).argmax(1)
+        f1 = f1_score(y, p, average=None, labels=range(n_classes), zero_division=0)
+        metrics[split] = {**point_scores(y, p, n_classes), "per_class_f1": dict(zip(classes, f1.tolist(), strict=True))}
+
+    # bias: counterfactual swaps, template probes, groups, co-occurrence
+    axes = load_identity_terms(_resolve(e.identity_terms, layout))
+    directions = counterfactual_pairs(test_texts, axes, max_texts=e.max_probe_texts, seed=params.seed)
+    thresholds = {"finding_flip_rate": e.finding_flip_rate, "major_flip_rate": e.major_flip_rate,
+                  "tv_tolerance": e.tv_tolerance}
+    counterfactual = {
+        name: counterfactual_probe(p, test_texts, directions, tolerance=e.tv_tolerance, finding=e.finding_flip_rate,
+                                   major=e.major_flip_rate, examples=e.examples, original_proba=proba[name],
+                                   classes=classes)
+        for name, p in predictors.items()
+    }
+    templates: dict = {"file": e.template_probes, "candidates": {}}
+    if e.template_probes:
+        frame, template_axes = load_template_probes(_resolve(e.template_probes, layout))
+        templates["axes"] = template_axes
+        templates["candidates"] = {
+            name: template_probe(p, frame, template_axes, classes, samples=e.bootstrap_samples,
+                                 confidence=e.confidence, seed=params.seed)
+            for name, p in predictors.items()
         }
-    tfidf = load_tfidf(BASELINES_DIR / "tfidf")
-    out["tfidf"] = {split: tfidf(split_texts).argmax(1) for split, split_texts in texts.items()}
+    groups, domains = {}, {}
+    for target, columns in ((groups, group_columns), (domains, [domain_column] if domain_column else [])):
+        for column in columns:
+            if column not in test.columns:
+                raise GraftError(f"{layout.split_file('test')}: datacard names column {column!r}, but the split lacks it")
+            target[column] = {name: group_metrics(y_test, pred[name], test[column], classes, samples=e.bootstrap_samples,
+                                                  confidence=e.confidence, seed=params.seed)
+                              for name in predictors}
+    bias = {
+        "thresholds": thresholds,
+        "group_columns": list(group_columns),
+        "groups": groups,
+        "domains": domains,
+        "counterfactual": counterfactual,
+        "templates": templates,
+        "cooccurrence": cooccurrence(train["text"].tolist(), train["label"].astype(str).tolist(), axes),
+        "inherited_vs_added": {
+            axis.name: {name: counterfactual[name]["axes"].get(axis.name, {}).get("flip_rate") for name in predictors}
+            for axis in axes
+        },
+        "note": ("An identity term absent from the training data has zero weight in TF-IDF, so a flip under "
+                 "swapping it can only come from pretraining (see backbone_probe vs finetune)."),
+    }
+
+    # robustness
+    rows, perturbed = perturb(test_texts, seed=params.seed, max_texts=e.max_probe_texts)
+    robustness = {"candidates": {
+        name: robustness_probe(p, test_texts, rows, perturbed, original_proba=proba[name], finding=e.finding_flip_rate,
+                               major=e.major_flip_rate, classes=classes, examples=e.examples)
+        for name, p in predictors.items()}}
+
+    group_gaps = [max(g[PROPOSED]["gaps"]["accuracy"], g[PROPOSED]["gaps"]["macro_f1"]) for g in groups.values()]
+    result_gate = gate(params.gate, metrics=metrics["test"], verdict=verdict,
+                       group_gap=max(group_gaps) if group_gaps else None,
+                       counterfactual_flip_rate=counterfactual[PROPOSED]["max_flip_rate"],
+                       robustness_flip_rate=robustness["candidates"][PROPOSED]["max_flip_rate"])
+    metrics["probes"] = {"counterfactual_max_flip_rate": counterfactual[PROPOSED]["max_flip_rate"],
+                         "robustness_max_flip_rate": robustness["candidates"][PROPOSED]["max_flip_rate"]}
+    return {"metrics": metrics, "transfer": transfer, "bias": bias, "robustness": robustness, "gate": result_gate,
+            "predictions": pred, "y_test": y_test}
+
+
+def plots(result: Mapping, classes: list[str]) -> dict[str, bytes | None]:
+    """PNG bytes of every plot, shared by reports/plots/ and the inline report."""
+    pred, y = result["predictions"][PROPOSED], result["y_test"]
+    matrix = confusion_matrix(y, pred, labels=range(len(classes)))
+    cf = result["bias"]["counterfactual"]
+    rob = result["robustness"]["candidates"]
+    out = {
+        "confusion": confusion_png(matrix, classes, f"{PROPOSED}: test accuracy {result['metrics']['test']['accuracy']:.3f}"),
+        "candidates": candidates_png(result["transfer"]["candidates"]),
+        "counterfactual": grouped_bars_png({n: {a: v["flip_rate"] for a, v in c["axes"].items()} for n, c in cf.items()},
+                                           "counterfactual flip rate"),
+        "robustness": grouped_bars_png({n: {k: v["flip_rate"] for k, v in c["perturbations"].items()} for n, c in rob.items()},
+                                       "robustness flip rate"),
+        "groups": None,
+    }
+    if result["bias"]["groups"]:
+        bars = {f"{col}:{cand}": {g: m["accuracy"] for g, m in r["groups"].items()}
+                for col, per in result["bias"]["groups"].items() for cand, r in per.items()}
+        out["groups"] = grouped_bars_png(bars, "accuracy per group")
     return out
 
 
-def evaluate(params: config.Params) -> dict:
-    """Write reports/{metrics,transfer,gate}.json and the confusion-matrix plot; return the gate."""
-    splits = {name: load_split(name, PREPARED_DIR) for name in ("val", "test")}
-    classes = json.loads((PREPARED_DIR / "datacard.json").read_text())["classes"]
-    truth = {name: frame["label_id"].to_numpy() for name, frame in splits.items()}
-    predictions = predict_all(params, {name: frame["text"].tolist() for name, frame in splits.items()})
+def evaluate(params: config.Params, *, layout: Layout | None = None) -> dict:
+    """Write reports/{metrics,transfer,bias,robustness,gate}.json, plots and report.html; return them."""
+    layout = layout or Layout()
+    started = time.perf_counter()
+    require(layout.datacard, root=layout.root)
+    card = read_json(layout.datacard)
+    try:
+        classes = list(card["classes"])
+    except KeyError:
+        raise GraftError(f"{layout.datacard}: missing key 'classes'") from None
+    group_columns = list(card.get("group_columns") or [])
+    domain_column = card.get("domain_column")
+    splits = {}
+    for name in ("train", "val", "test"):
+        require(layout.split_file(name), root=layout.root)
+        splits[name] = pd.read_parquet(layout.split_file(name))
+        missing = {"text", "label", "label_id"} - set(splits[name].columns)
+        if missing:
+            raise GraftError(f"{layout.split_file(name)}: missing column(s) {sorted(missing)}")
+    predictors = load_candidates(layout, params, train=splits["train"], n_classes=len(classes))
+    result = assess(predictors, params=params, layout=layout, **splits, classes=classes,
+                    group_columns=group_columns, domain_column=domain_column)
+    images = plots(result, classes)
+    for name, png in images.items():
+        if png is not None:
+            with atomic_path(layout.plots_dir / f"{name}.png") as tmp:
+                tmp.write_bytes(png)
+    confusion_rows = pd.DataFrame({"actual": [classes[i] for i in result["y_test"]],
+                                   "predicted": [classes[i] for i in result["predictions"][PROPOSED]]})
+    atomic_write_text(layout.plots_dir / "confusion.csv", confusion_rows.to_csv(index=False))
+    result["metrics"]["evaluate_seconds"] = round(time.perf_counter() - started, 2)
+    write_json(layout.metrics, result["metrics"])
+    write_json(layout.transfer, result["transfer"])
+    write_json(layout.bias, result["bias"])
+    write_json(robustness_path(layout), result["robustness"])
+    write_json(layout.gate, result["gate"])
+    atomic_write_text(layout.report_html, render_html(
+        transfer=result["transfer"], gate=result["gate"], bias=result["bias"], robustness=result["robustness"],
+        datacard=card, plots=images))
+    return result
 
-    e = params.evaluate
-    resamples = bootstrap_indices(len(truth["test"]), e.bootstrap_samples, params.seed)
-    candidates = {
-        name: {"role": "transferred" if name == PROPOSED else "baseline",
-               "test": with_intervals(truth["test"], pred["test"], resamples, e.confidence),
-               "val": scores(truth["val"], pred["val"])}
-        for name, pred in predictions.items()
-    }
-    verdict = transfer_verdict(
-        truth["test"], predictions[PROPOSED]["test"], {b: predictions[b]["test"] for b in BASELINES},
-        resamples, e.confidence,
-    )
-    metrics = {split: {**scores(truth[split], predictions[PROPOSED][split]),
-                       "per_class_f1": dict(zip(classes, f1_score(truth[split], predictions[PROPOSED][split],
-                                                                  average=None, labels=range(len(classes)),
-                                                                  zero_division=0).tolist(), strict=True))}
-               for split in ("test", "val")}
-    metrics["model"] = PROPOSED
-    result_gate = gate(params.gate, metrics["test"], verdict)
 
-    write_json(REPORTS / "metrics.json", metrics)
-    write_json(REPORTS / "transfer.json", {"proposed": PROPOSED, "candidates": candidates,
-                                           "confidence": e.confidence, **verdict})
-    write_json(REPORTS / "gate.json", result_gate)
-    plot_confusion(truth["test"], predictions[PROPOSED]["test"], classes, PLOTS / "confusion_matrix.png",
-                   f"{PROPOSED}: test accuracy {metrics['test']['accuracy']:.3f}")
-    return {"metrics": metrics, "verdict": verdict, "gate": result_gate, "candidates": candidates}
+def closing_line(transfer: Mapping, gate_report: Mapping) -> str:
+    """The run's last line: the verdict in words and the gate."""
+    failure = gate_failure_message(gate_report)
+    return f"evaluate: {verdict_sentence(transfer, transfer['proposed'])} " + (f"{failure}." if failure else "Gate passed.")
+
+
+def _summary_lines(result: Mapping) -> list[str]:
+    fmt: Callable[[float | None], str] = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = []
+    for name, cand in result["transfer"]["candidates"].items():
+        t = cand["test"]
+        low, high = t["accuracy_ci"]
+        cf = result["bias"]["counterfactual"][name]["max_flip_rate"]
+        rob = result["robustness"]["candidates"][name]["max_flip_rate"]
+        lines.append(f"evaluate: {name:14s} test accuracy {t['accuracy']:.4f} [{low:.4f}, {high:.4f}], "
+                     f"macro-F1 {t['macro_f1']:.4f}, counterfactual flips {fmt(cf)}, robustness flips {fmt(rob)}")
+    return lines
 
 
 @exits_cleanly
 def main() -> None:
     result = evaluate(config.load())
-    for name, cand in result["candidates"].items():
-        t = cand["test"]
-        low, high = t["accuracy_ci"]
-        print(f"evaluate: {name:8s} test accuracy {t['accuracy']:.4f} [{low:.4f}, {high:.4f}], macro-F1 {t['macro_f1']:.4f}")  # noqa: T201
-    v = result["verdict"]
-    low, high = v["margin_ci"]
-    print(  # noqa: T201
-        f"evaluate: margin over {v['best_baseline']} {v['margin']:+.4f} [{low:+.4f}, {high:+.4f}], "
-        f"McNemar p={v['test']['p_value']:.3f}, "
-        f"negative_transfer={v['negative_transfer']}, gate passed={result['gate']['passed']}"
-    )
+    for line in _summary_lines(result):
+        print(line)  # noqa: T201
+    print(closing_line(result["transfer"], result["gate"]))  # noqa: T201
 
 
 if __name__ == "__main__":

@@ -55,7 +55,9 @@ def tiny_params(model_dir: Path, data_source: Path = NEWS_CSV) -> dict:
     params["train"].update(epochs=2, batch_size=6, freeze_layers=1, lr=5e-3)
     params["train"]["scratch"].update(epochs=2, lr=5e-3)
     params["evaluate"]["bootstrap_samples"] = 100
-    params["gate"].update(min_accuracy=0.0, min_macro_f1=0.0, require_positive_transfer=False)
+    params["gate"].update(min_accuracy=0.0, min_macro_f1=0.0, required_verdict="any", min_margin=-100.0,
+                          max_group_gap=1.0,
+                          max_counterfactual_flip_rate=1.0, max_robustness_flip_rate=1.0)
     return params
 
 

@@ -27,7 +27,9 @@ def test_default_backbone_and_corpus_end_to_end(tmp_path: Path, monkeypatch):
     params["train"].update(epochs=4, batch_size=8)
     params["train"]["scratch"]["epochs"] = 1
     params["evaluate"]["bootstrap_samples"] = 200
-    params["gate"].update(min_accuracy=0.0, min_macro_f1=0.0, require_positive_transfer=False)
+    params["gate"].update(min_accuracy=0.0, min_macro_f1=0.0, required_verdict="any", min_margin=-100.0,
+                          max_group_gap=1.0,
+                          max_counterfactual_flip_rate=1.0, max_robustness_flip_rate=1.0)
     root = make_workspace(tmp_path / "ws", params)
 
     with prefect_test_harness(server_startup_timeout=120):

@@ -1,74 +1,398 @@
-"""evaluate: the negative-transfer verdict, the gate, and the report contracts of DESIGN.md."""
+"""evaluate: statistics on planted cases, bias and robustness probes on planted models, the gate,
+and the reports of a real run (DESIGN.md contracts, DVC metrics/plots, the HTML report in Chromium)."""
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+from sklearn.metrics import accuracy_score, f1_score
 
 from graft import config
+from graft.bias import (
+    IdentityAxis,
+    cooccurrence,
+    counterfactual_pairs,
+    counterfactual_probe,
+    group_metrics,
+    load_identity_terms,
+    load_template_probes,
+    swap_terms,
+    template_probe,
+)
+from graft.errors import GraftError
 from graft.files import read_json
-from tasks.evaluate import PLOTS, bootstrap_indices, evaluate, gate, transfer_verdict
-from tasks.fetch import fetch
-from tasks.prepare import prepare
-from tasks.train import train
+from graft.layout import Layout
+from graft.report import SECTIONS, gate_failure_message, summary_markdown
+from graft.robustness import perturb, robustness_probe
+from graft.stats import bootstrap_indices, bootstrap_scores, transfer_verdict, with_intervals
+from tasks.evaluate import assess, gate
 
-from .conftest import load_params
+from .conftest import make_workspace, tiny_params
 
-TRUTH = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0] * 4)
+REPO = Path(__file__).resolve().parents[1]
 
 
-def _predictions(wrong: int) -> np.ndarray:
-    pred = TRUTH.copy()
-    pred[:wrong] = (pred[:wrong] + 1) % 3
+# ---------------------------------------------------------------- statistics
+
+
+def test_vectorised_bootstrap_equals_sklearn_on_every_resample():
+    rng = np.random.default_rng(1)
+    y, p = rng.integers(0, 4, 120), rng.integers(0, 4, 120)
+    p[:60] = y[:60]
+    resamples = bootstrap_indices(len(y), 40, seed=3)
+    boot = bootstrap_scores(y, p, resamples, n_classes=4)
+    for k, idx in enumerate(resamples):
+        assert boot["accuracy"][k] == pytest.approx(accuracy_score(y[idx], p[idx]))
+        assert boot["macro_f1"][k] == pytest.approx(f1_score(y[idx], p[idx], average="macro", zero_division=0))
+
+
+def _planted(n: int, accuracy: float, rng: np.random.Generator, y: np.ndarray) -> np.ndarray:
+    pred = y.copy()
+    wrong = rng.choice(n, size=round(n * (1 - accuracy)), replace=False)
+    pred[wrong] = (y[wrong] + 1) % 3
     return pred
 
 
-@pytest.mark.parametrize(("proposed_wrong", "baseline_wrong", "negative"), [(2, 8, False), (8, 2, True), (5, 5, True)])
-def test_negative_transfer_when_the_transferred_model_does_not_beat_the_best_baseline(
-    proposed_wrong: int, baseline_wrong: int, negative: bool
-):
-    resamples = bootstrap_indices(len(TRUTH), 200, 0)
-    verdict = transfer_verdict(
-        TRUTH, _predictions(proposed_wrong),
-        {"tfidf": _predictions(baseline_wrong), "scratch": _predictions(20)}, resamples, 0.95,
-    )
+@pytest.mark.parametrize(("proposed_acc", "baseline_acc", "expected"),
+                         [(0.8, 0.8, "no_gain"), (0.92, 0.72, "positive"), (0.70, 0.90, "negative")])
+def test_verdict_on_planted_cases(proposed_acc: float, baseline_acc: float, expected: str):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 400)
+    baseline = _planted(400, baseline_acc, rng, y)
+    proposed = baseline.copy() if proposed_acc == baseline_acc else _planted(400, proposed_acc, rng, y)
+    verdict = transfer_verdict(y, proposed, {"tfidf": baseline, "scratch": _planted(400, 0.5, rng, y)},
+                               bootstrap_indices(400, 500, 0), confidence=0.95, alpha=0.05)
     assert verdict["best_baseline"] == "tfidf"
-    assert verdict["negative_transfer"] is negative
-    assert verdict["margin"] == pytest.approx((baseline_wrong - proposed_wrong) / len(TRUTH))
+    assert verdict["verdict"] == expected
+    assert verdict["negative_transfer"] is (expected == "negative")
+    assert verdict["margin_points"] == pytest.approx(100 * (proposed_acc - baseline_acc))
     low, high = verdict["margin_ci"]
     assert low <= verdict["margin"] <= high
-    assert 0.0 <= verdict["test"]["p_value"] <= 1.0
+    assert (verdict["test"]["p_value"] < 0.05) is (expected != "no_gain")
 
 
-def test_gate_checks_each_threshold():
-    params = config.GateParams(min_accuracy=0.9, min_macro_f1=0.5, require_positive_transfer=True)
-    result = gate(params, {"accuracy": 0.85, "macro_f1": 0.8}, {"margin": 0.02, "negative_transfer": False})
-    assert result["passed"] is False
-    assert [(c["name"], c["passed"]) for c in result["checks"]] == [
-        ("min_accuracy", False), ("min_macro_f1", True), ("positive_transfer", True)]
-    assert set(result["checks"][0]) == {"name", "value", "threshold", "passed"}
+def test_accuracy_intervals_cover_the_true_accuracy_at_about_the_nominal_rate():
+    """300 simulated classifiers whose rows are right with probability 0.8: the 95% percentile
+    interval from 200 test rows should hold 0.8 about 95% of the time."""
+    rng = np.random.default_rng(42)
+    n, true_accuracy, trials, covered = 200, 0.8, 300, 0
+    y = np.zeros(n, dtype=int)
+    for t in range(trials):
+        pred = np.where(rng.random(n) < true_accuracy, 0, 1)
+        low, high = with_intervals(y, pred, bootstrap_indices(n, 500, t), 0.95, 2)["accuracy_ci"]
+        covered += low <= true_accuracy <= high
+    rate = covered / trials
+    print(f"coverage of 95% accuracy intervals: {rate:.3f}")  # noqa: T201 (figure for the closing note)
+    assert 0.90 <= rate <= 0.985
 
 
-def test_reports_follow_the_design_contract(workspace: Path):
-    params = load_params(workspace)
-    prepare(params)
-    fetch(params)
-    train(params)
-    evaluate(params)
-    metrics = read_json(Path("reports/metrics.json"))
+def _gate_params(**overrides) -> config.GateParams:
+    base = dict(min_accuracy=0.5, min_macro_f1=0.5, max_group_gap=0.1, max_counterfactual_flip_rate=0.1,
+                max_robustness_flip_rate=0.1)
+    return config.GateParams(**{**base, **overrides})
+
+
+def _verdict(name: str, points: float) -> dict:
+    return {"verdict": name, "margin_points": points}
+
+
+@pytest.mark.parametrize(("required", "verdict", "passed"), [
+    ("positive", "positive", True), ("positive", "no_gain", False), ("no_gain", "no_gain", True),
+    ("no_gain", "negative", False), ("any", "negative", True)])
+def test_gate_requires_the_configured_verdict(required: str, verdict: str, passed: bool):
+    result = gate(_gate_params(required_verdict=required, min_margin=-100), metrics={"accuracy": 0.9, "macro_f1": 0.9},
+                  verdict=_verdict(verdict, 1.0), group_gap=None, counterfactual_flip_rate=0.0,
+                  robustness_flip_rate=0.0)
+    assert result["passed"] is passed
+    assert next(c for c in result["checks"] if c["name"] == "verdict")["passed"] is passed
+
+
+def test_gate_checks_each_threshold_and_names_the_failures():
+    result = gate(_gate_params(min_margin=2.0, min_accuracy=0.9), metrics={"accuracy": 0.85, "macro_f1": 0.8},
+                  verdict=_verdict("positive", 1.5), group_gap=0.2, counterfactual_flip_rate=0.05,
+                  robustness_flip_rate=0.3)
+    status = {c["name"]: c["passed"] for c in result["checks"]}
+    assert status == {"verdict": True, "min_margin": False, "min_accuracy": False, "min_macro_f1": True,
+                      "max_group_gap": False, "max_counterfactual_flip_rate": True, "max_robustness_flip_rate": False}
+    assert all(set(c) == {"name", "value", "threshold", "passed"} for c in result["checks"])
+    message = gate_failure_message(result)
+    assert all(name in message for name, ok in status.items() if not ok)
+    assert "max_counterfactual_flip_rate" not in message
+
+
+# ---------------------------------------------------------------- bias on planted models
+
+TOPICS = {"sport": ["match", "goal", "team", "coach"], "food": ["bread", "soup", "recipe", "kitchen"]}
+CLASSES = ["food", "sport"]
+
+
+def _synthetic(n: int, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        label = CLASSES[i % 2]
+        subject = ("He", "his") if (i // 2) % 2 else ("She", "her")
+        words = rng.choice(TOPICS[label], size=2)
+        rows.append({"text": f"{subject[0]} said {subject[1]} {words[0]} and the {words[1]} were fine.",
+                     "label": label, "label_id": CLASSES.index(label), "group": "a" if i % 3 else "b"})
+    return pd.DataFrame(rows)
+
+
+def keyword_model(biased: bool = False, noise: float = 0.0):
+    """Predicts the topic from keywords; `biased` sends every text that mentions a woman to food."""
+    rng = np.random.default_rng(7)
+    flip = {}
+
+    def predict(texts):
+        out = np.zeros((len(texts), 2))
+        for i, text in enumerate(texts):
+            low = text.lower()
+            sport = sum(w in low for w in TOPICS["sport"]) > sum(w in low for w in TOPICS["food"])
+            if biased and re.search(r"\b(she|her)\b", low):
+                sport = False
+            if noise:
+                sport ^= flip.setdefault(text, bool(rng.random() < noise))
+            out[i, int(sport)] = 0.9
+            out[i, 1 - int(sport)] = 0.1
+        return out
+
+    return predict
+
+
+def _tiny_config(gate_overrides: dict | None = None) -> config.Params:
+    params = tiny_params(Path("unused"))
+    params["evaluate"].update(bootstrap_samples=200, max_probe_texts=100)
+    params["gate"].update(required_verdict="any", max_robustness_flip_rate=1.0, max_group_gap=1.0,
+                          **(gate_overrides or {}))
+    return config.validate(params)
+
+
+@pytest.mark.parametrize("biased", [False, True])
+def test_a_model_keyed_on_a_gendered_word_is_caught_and_fails_the_gate(biased: bool, tmp_path: Path):
+    params = _tiny_config({"max_counterfactual_flip_rate": 0.10, "min_margin": -100.0})
+    train, val, test = _synthetic(60, 0), _synthetic(40, 1), _synthetic(120, 2)
+    predictors = {"finetune": keyword_model(biased), "scratch": keyword_model(noise=0.3),
+                  "tfidf": keyword_model(noise=0.1), "backbone_probe": keyword_model(noise=0.2)}
+    result = assess(predictors, params=params, layout=Layout(REPO), train=train, val=val, test=test,
+                    classes=CLASSES, group_columns=["group"])
+    gender = result["bias"]["counterfactual"]["finetune"]["axes"]["gender"]
+    checks = {c["name"]: c for c in result["gate"]["checks"]}
+    print(f"planted {'biased' if biased else 'unbiased'} model: gender flip rate {gender['flip_rate']:.3f}, "  # noqa: T201
+          f"mean TV {gender['mean_tv']:.3f}")
+    directions = {d["direction"]: d for d in result["bias"]["counterfactual"]["finetune"]["directions"]
+                  if d["axis"] == "gender"}
+    if biased:
+        assert gender["severity"] == "major" and gender["flip_rate"] >= 0.10
+        # only texts about sport that mention a man flip, and only when he becomes she
+        assert directions["male->female"]["flip_rate"] == pytest.approx(0.5, abs=0.1)
+        assert directions["female->male"]["flip_rate"] == pytest.approx(0.5, abs=0.1)
+        assert directions["male->female"]["examples"]
+        assert not checks["max_counterfactual_flip_rate"]["passed"] and not result["gate"]["passed"]
+        assert [c["name"] for c in result["gate"]["checks"] if not c["passed"]] == ["max_counterfactual_flip_rate"]
+    else:
+        assert gender["flip_rate"] == 0.0 and gender["severity"] == "ok"
+        assert result["gate"]["passed"], result["gate"]
+    assert set(result["bias"]["counterfactual"]) == set(predictors)
+    assert set(result["bias"]["groups"]["group"]) == set(predictors)
+    assert result["bias"]["cooccurrence"]["gender"]["female"]["texts"] == int(train["text"].str.contains("She").sum())
+    assert set(result["robustness"]["candidates"]["finetune"]["perturbations"]) == {
+        "typo", "casing", "punctuation", "whitespace"}
+    markdown = summary_markdown(result["transfer"], result["gate"], result["bias"], result["robustness"])
+    assert ("failed" in markdown) is biased
+
+
+def test_group_metrics_report_a_planted_gap_within_its_interval():
+    rng = np.random.default_rng(0)
+    n = 600
+    y = rng.integers(0, 2, n)
+    groups = np.where(np.arange(n) < 300, "a", "b")
+    pred = y.copy()
+    # group a is right 90% of the time, group b 70%: a planted accuracy gap of 0.20
+    for g, acc in (("a", 0.9), ("b", 0.7)):
+        rows = np.flatnonzero(groups == g)
+        wrong = rng.choice(rows, size=round(len(rows) * (1 - acc)), replace=False)
+        pred[wrong] = 1 - pred[wrong]
+    result = group_metrics(y, pred, pd.Series(groups), ["neg", "pos"], samples=500, confidence=0.95, seed=0)
+    assert result["gaps"]["accuracy"] == pytest.approx(0.2)
+    low, high = result["gap_ci"]["accuracy"]
+    print(f"planted group gap 0.20: reported {result['gaps']['accuracy']:.3f} [{low:.3f}, {high:.3f}]")  # noqa: T201
+    assert low <= 0.2 <= high and low > 0.1
+    assert {"false_positive_rate", "false_negative_rate", "selection_rate[pos]"} <= set(result["groups"]["a"])
+    assert result["groups"]["a"]["accuracy"] == pytest.approx(0.9)
+
+
+def test_swaps_keep_casing_and_pairs_and_skip_substrings():
+    axis = IdentityAxis("gender", {"male": ["he", "his", "him"], "female": ["she", "her", "her"]})
+    assert swap_terms("He said his theory suits him.", axis.swap_map("male", "female")) == \
+        "She said her theory suits her."
+    assert swap_terms("HER book. There she is.", axis.swap_map("female", "male")) == "HIS book. There he is."
+    directions = counterfactual_pairs(["he ran", "nothing here", "she ran"], [axis], max_texts=10, seed=0)
+    assert [(d["source"], list(d["rows"]), d["swapped"]) for d in directions] == [
+        ("male", [0], ["she ran"]), ("female", [2], ["he ran"])]
+
+
+def test_counterfactual_probe_batches_all_swaps_in_one_call():
+    calls = []
+
+    def model(texts):
+        calls.append(len(texts))
+        return keyword_model(biased=True)(texts)
+
+    texts = _synthetic(20, 0)["text"].tolist()
+    axes = load_identity_terms()
+    directions = counterfactual_pairs(texts, axes, max_texts=50, seed=0)
+    counterfactual_probe(model, texts, directions, tolerance=0.1, finding=0.05, major=0.1)
+    assert calls == [len(texts), sum(len(d["rows"]) for d in directions)]
+
+
+def test_shipped_word_lists_and_probe_set_load(tmp_path: Path):
+    axes = {a.name: a for a in load_identity_terms()}
+    assert {"gender", "names_gender", "names_ethnicity", "religion", "nationality"} <= set(axes)
+    assert len(axes["gender"].groups["male"]) == len(axes["gender"].groups["female"])
+    frame, template_axes = load_template_probes(REPO / "graft/probes/sentiment_templates.csv")
+    assert template_axes == ["gender", "ethnicity"] and frame["template"].nunique() >= 10
+    assert (REPO / "graft/probes/README.md").read_text().count("identity_terms.csv") >= 1
+    bad = tmp_path / "terms.csv"
+    bad.write_text("axis,group,term\ngender,male,he\ngender,,she\n")
+    with pytest.raises(GraftError, match=r"terms.csv: row 3"):
+        load_identity_terms(bad)
+    with pytest.raises(GraftError, match="missing column"):
+        bad.write_text("words,group\n")
+        load_template_probes(bad)
+
+
+def test_template_probe_gap_is_zero_for_a_model_blind_to_identity():
+    frame, axes = load_template_probes(REPO / "graft/probes/sentiment_templates.csv")
+    result = template_probe(keyword_model(), frame, axes, CLASSES, samples=100, confidence=0.95, seed=0)
+    assert result["gender"]["max_gap"] == 0.0 and result["ethnicity"]["max_gap"] == 0.0
+
+    def keyed_on_women(texts):  # "sport" whenever the subject is a woman
+        out = np.full((len(texts), 2), [0.9, 0.1])
+        out[[bool(re.search(r"\b(woman|sister|mother)\b", t.lower())) for t in texts]] = [0.1, 0.9]
+        return out
+
+    biased = template_probe(keyed_on_women, frame, axes, CLASSES, samples=200, confidence=0.95, seed=0)
+    assert biased["gender"]["gap"]["sport"] == pytest.approx(0.8)
+    low, high = biased["gender"]["gap_ci"]["sport"]
+    assert low - 1e-9 <= 0.8 <= high + 1e-9
+    assert biased["gender"]["mean_proba"]["female"]["sport"] == pytest.approx(0.9)
+    assert biased["ethnicity"]["max_gap"] == 0.0
+
+
+def test_cooccurrence_counts_terms_per_label():
+    axis = IdentityAxis("gender", {"male": ["he"], "female": ["she"]})
+    counts = cooccurrence(["he won", "she won", "she cooked", "they cooked"], ["sport", "sport", "food", "food"], [axis])
+    assert counts["gender"]["female"]["per_label"] == {"food": 1, "sport": 1}
+    assert counts["gender"]["male"]["per_label"] == {"food": 0, "sport": 1}
+    assert counts["gender"]["male"]["absent_terms"] == []
+
+
+def test_robustness_is_seeded_and_catches_a_case_sensitive_model():
+    texts = _synthetic(30, 0)["text"].tolist()
+    rows, perturbed = perturb(texts, seed=3, max_texts=20)
+    assert perturb(texts, seed=3, max_texts=20)[1] == perturbed and len(rows) == 20
+    assert all(a != b for a, b in zip(perturbed["typo"], [texts[i] for i in rows], strict=True))
+
+    def case_sensitive(batch):
+        out = np.zeros((len(batch), 2))
+        out[np.arange(len(batch)), [int(t[:1].isupper() and t[1:2].islower()) for t in batch]] = 1
+        return out
+
+    result = robustness_probe(case_sensitive, texts, rows, perturbed, original_proba=case_sensitive(texts),
+                              finding=0.05, major=0.1, classes=CLASSES)
+    assert result["perturbations"]["casing"]["flip_rate"] > 0.3
+    assert result["perturbations"]["punctuation"]["flip_rate"] == 0.0
+
+
+# ---------------------------------------------------------------- a real run through DVC
+
+
+def _env() -> dict:
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+
+def _run(root: Path, *args: str) -> str:
+    done = subprocess.run(list(args), cwd=root, capture_output=True, text=True, env=_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny pipeline run up to evaluate by `dvc repro evaluate`, then committed."""
+    root = make_workspace(tmp_path_factory.mktemp("eval") / "ws", tiny_params(tiny_model_dir))
+    _run(root, sys.executable, "-m", "dvc", "repro", "evaluate")
+    _run(root, "git", "add", "-A")
+    _run(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run")
+    return root
+
+
+def test_reports_follow_the_design_contract(evaluated: Path):
+    metrics = read_json(evaluated / "reports/metrics.json")
     assert {"accuracy", "macro_f1"} <= set(metrics["test"]) and {"accuracy", "macro_f1"} <= set(metrics["val"])
-    transfer = read_json(Path("reports/transfer.json"))
-    assert set(transfer["candidates"]) == {"finetune", "scratch", "tfidf"}
+    transfer = read_json(evaluated / "reports/transfer.json")
+    assert set(transfer["candidates"]) == {"finetune", "scratch", "tfidf", "backbone_probe"}
     for cand in transfer["candidates"].values():
         low, high = cand["test"]["accuracy_ci"]
         assert low <= cand["test"]["accuracy"] <= high
-    assert isinstance(transfer["negative_transfer"], bool)
+    assert transfer["verdict"] in {"positive", "no_gain", "negative"}
+    assert transfer["negative_transfer"] is (transfer["verdict"] == "negative")
     assert transfer["margin"] == pytest.approx(
         transfer["candidates"]["finetune"]["test"]["accuracy"]
         - transfer["candidates"][transfer["best_baseline"]]["test"]["accuracy"])
-    assert transfer["test"]["name"].startswith("exact McNemar")
-    gate_report = read_json(Path("reports/gate.json"))
-    assert set(gate_report) == {"passed", "checks"}
-    assert (PLOTS / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    bias = read_json(evaluated / "reports/bias.json")
+    assert set(bias["counterfactual"]) == set(transfer["candidates"])
+    assert set(bias["inherited_vs_added"]["gender"]) == set(transfer["candidates"])
+    gate_report = read_json(evaluated / "reports/gate.json")
+    assert set(gate_report) == {"passed", "checks"} and len(gate_report["checks"]) == 7
+    robustness = read_json(evaluated / "reports/robustness.json")
+    assert set(robustness["candidates"]) == set(transfer["candidates"])
+    assert (evaluated / "reports/plots/confusion.png").read_bytes()[:4] == b"\x89PNG"
+    html = (evaluated / "reports/report.html").read_text()
+    assert "src=\"http" not in html and "<script" not in html  # self-contained
+
+
+def test_dvc_metrics_and_plots_work_after_a_run(evaluated: Path):
+    dvc = (sys.executable, "-m", "dvc")
+    shown = _run(evaluated, *dvc, "metrics", "show")
+    assert "reports/metrics.json" in shown and "test.accuracy" in shown
+    params = evaluated / "params.yaml"
+    original = params.read_text()
+    params.write_text(original.replace("max_probe_texts: 200", "max_probe_texts: 5"))
+    try:
+        _run(evaluated, *dvc, "repro", "evaluate")
+        diff = _run(evaluated, *dvc, "metrics", "diff", "--all")
+        assert "probes.robustness_max_flip_rate" in diff or "evaluate_seconds" in diff
+        out = _run(evaluated, *dvc, "plots", "show", "-o", str(evaluated / "dvc_plots"))
+        page = (evaluated / "dvc_plots" / "index.html").read_text()
+        assert "confusion" in page and "counterfactual.png" in page, out
+    finally:
+        params.write_text(original)
+
+
+def _chromium() -> str | None:
+    return next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no chromium binary on PATH (CI installs Debian's `chromium`)")
+def test_report_opens_in_headless_chromium_with_every_section(evaluated: Path, tmp_path: Path):
+    browser = _chromium()
+    page = (evaluated / "reports/report.html").resolve().as_uri()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}"]
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1200,3000", page],
+                   check=True, capture_output=True, timeout=120)
+    assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 10_000
+    dom = subprocess.run([browser, *flags, "--dump-dom", page], check=True, capture_output=True, text=True,
+                         timeout=120).stdout
+    for section in SECTIONS:
+        assert f'id="{section}"' in dom, section
+    assert dom.count("data:image/png;base64,") >= 4
