@@ -35,7 +35,7 @@ from graft.robustness import perturb, robustness_probe
 from graft.stats import bootstrap_indices, bootstrap_scores, transfer_verdict, with_intervals
 from tasks.evaluate import assess, gate
 
-from .conftest import make_workspace, tiny_params
+from .conftest import make_workspace, pin_sources, tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -329,6 +329,7 @@ def _run(root: Path, *args: str) -> str:
 def evaluated(tmp_path_factory, tiny_model_dir) -> Path:
     """The tiny pipeline run up to evaluate by `dvc repro evaluate`, then committed."""
     root = make_workspace(tmp_path_factory.mktemp("eval") / "ws", tiny_params(tiny_model_dir))
+    pin_sources(root)
     _run(root, sys.executable, "-m", "dvc", "repro", "evaluate")
     _run(root, "git", "add", "-A")
     _run(root, "git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run")
