@@ -60,7 +60,8 @@ def run_trainer(model_dir, train, val, classes, a) -> dict:
 
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, per_device_train_batch_size=a.batch, per_device_eval_batch_size=a.batch,
-                                 num_train_epochs=a.epochs, learning_rate=a.lr, weight_decay=0.01, warmup_ratio=0.1,
+                                 num_train_epochs=a.epochs, learning_rate=a.lr, weight_decay=0.01,
+                                 warmup_steps=int(0.1 * -(-len(train) // a.batch) * a.epochs),  # = graft's warm-up
                                  eval_strategy="epoch", save_strategy="no", logging_strategy="no", report_to=[],
                                  use_cpu=True, seed=a.seed, max_grad_norm=1.0, disable_tqdm=True)
         trainer = Trainer(model=model, args=args, train_dataset=encode(train), eval_dataset=encode(val),
