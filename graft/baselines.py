@@ -1,33 +1,108 @@
-"""Loading the TF-IDF baseline without importing the train stage (moved from tasks/train.py as-is;
-the TF-IDF persistence is owned by issue 7 and may change behind this one function)."""
+"""The TF-IDF + logistic-regression baseline, kept with `skops.io` (no pickle).
+
+scikit-learn's own `predict_proba` serves the loaded pipeline, so the probabilities are the
+library's (binary problems get sigmoid(s), not a hand-written softmax of [-s, s]). Loading
+checks the file's types against an explicit allow-list: a file that names any other type is
+refused before anything in it is built.
+"""
 
 from __future__ import annotations
 
+import io
 import json
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import skops.io as sio
 from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
 
+from graft.errors import GraftError
+from graft.files import atomic_path, write_json
+
+TFIDF_FILE = "model.skops"
 TRAINING_STATE = "training.json"
+# What a saved TF-IDF baseline may contain beyond skops' default-trusted types; anything else
+# (a function, an unknown class) makes loading fail with the offending type named.
+TRUSTED_TYPES = [
+    "sklearn.pipeline.Pipeline",
+    "sklearn.feature_extraction.text.TfidfVectorizer",
+    "sklearn.feature_extraction.text.TfidfTransformer",
+    "sklearn.linear_model._logistic.LogisticRegression",
+    "numpy.float64",
+    "numpy.int64",
+]
+_FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+def fit_tfidf(texts: Sequence[str], labels: np.ndarray, *, ngram_max: int, C: float, seed: int) -> Pipeline:
+    """TF-IDF (sublinear tf, word n-grams) + L2 logistic regression, fitted on the training split."""
+    pipeline = Pipeline([
+        ("tfidf", TfidfVectorizer(ngram_range=(1, ngram_max), sublinear_tf=True)),
+        ("logreg", LogisticRegression(C=C, max_iter=5000, random_state=seed)),
+    ])
+    return pipeline.fit(list(texts), np.asarray(labels))
+
+
+def _canonical_skops(raw: bytes) -> bytes:
+    """skops names array members and memo ids after `id()` and stamps the time; renumber both in
+    schema order and fix the timestamps, so identical models give byte-identical files (stable
+    DVC outputs)."""
+    with zipfile.ZipFile(io.BytesIO(raw)) as src:
+        schema = json.loads(src.read("schema.json"))
+        ids: dict[int, int] = {}
+        files: dict[str, str] = {}
+
+        def renumber(node: Any) -> Any:
+            if isinstance(node, list):
+                return [renumber(v) for v in node]
+            if not isinstance(node, dict):
+                return node
+            out = {}
+            for key in sorted(node):
+                value = node[key]
+                if key == "__id__" and isinstance(value, int):
+                    value = ids.setdefault(value, len(ids))
+                elif key == "file" and isinstance(value, str):
+                    value = files.setdefault(value, f"{len(files):06d}{Path(value).suffix}")
+                out[key] = renumber(value)
+            return out
+
+        schema = renumber(schema)
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as dst:
+            dst.writestr(zipfile.ZipInfo("schema.json", _FIXED_ZIP_TIME), json.dumps(schema, sort_keys=True))
+            for old, new in files.items():
+                dst.writestr(zipfile.ZipInfo(new, _FIXED_ZIP_TIME), src.read(old))
+    return out.getvalue()
+
+
+def save_tfidf(pipeline: Pipeline, out_dir: Path, state: dict) -> None:
+    """The fitted pipeline as one skops file plus how it was trained, written atomically."""
+    # the vectorizer memoises id(stop_words), a different number in every process; it only
+    # skips a consistency check, so drop it rather than store an address
+    pipeline.named_steps["tfidf"].__dict__.pop("_stop_words_id", None)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        (tmp / TFIDF_FILE).write_bytes(_canonical_skops(sio.dumps(pipeline)))
+        write_json(tmp / TRAINING_STATE, state)
 
 
 def load_tfidf(model_dir: Path) -> Callable[[Sequence[str]], np.ndarray]:
-    """Rebuild the TF-IDF baseline from its files; returns texts -> class probabilities."""
-    state = json.loads((model_dir / TRAINING_STATE).read_text())
-    vocabulary = json.loads((model_dir / "vocabulary.json").read_text())
-    with np.load(model_dir / "weights.npz", allow_pickle=False) as weights:
-        idf, coef, intercept = weights["idf"], weights["coef"], weights["intercept"]
-    vectorizer = TfidfVectorizer(ngram_range=(1, state["ngram_max"]), sublinear_tf=True, vocabulary=vocabulary)
-    vectorizer.idf_ = idf
+    """Rebuild the TF-IDF baseline from its skops file; returns texts -> class probabilities."""
+    path = Path(model_dir) / TFIDF_FILE
+    if not path.exists():
+        raise GraftError(f"{path}: no TF-IDF baseline here (models from before skops are not read; re-run train)")
+    untrusted = [t for t in sio.get_untrusted_types(file=path) if t not in TRUSTED_TYPES]
+    if untrusted:
+        raise GraftError(f"{path}: refusing to load untrusted types {untrusted}")
+    pipeline = sio.load(path, trusted=TRUSTED_TYPES)
 
     def predict(texts: Sequence[str]) -> np.ndarray:
-        scores = vectorizer.transform(texts) @ coef.T + intercept
-        if coef.shape[0] == 1:  # binary logistic regression stores one row
-            scores = np.hstack([-scores, scores])
-        scores = scores - scores.max(axis=1, keepdims=True)
-        proba = np.exp(scores)
-        return proba / proba.sum(axis=1, keepdims=True)
+        return pipeline.predict_proba(list(texts))
 
     return predict

@@ -83,15 +83,59 @@ class TfidfParams(_Section):
     C: float = Field(10.0, gt=0, description="Inverse L2 strength of its logistic regression.")
 
 
+class FullParams(_Section):
+    lr: float = Field(5e-5, gt=0, description="Head learning rate of full fine-tuning; lower blocks get less.")
+    layer_decay: float = Field(0.8, gt=0, le=1, description="LR factor per block downwards (layer-wise decay).")
+    epochs: int = Field(5, gt=0, description="Epochs of full fine-tuning.")
+
+
+class LoraParams(_Section):
+    lr: float = Field(1e-3, gt=0, description="Learning rate of the LoRA adapters and the head.")
+    r: int = Field(8, gt=0, description="Rank of the LoRA update matrices.")
+    alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA branch input.")
+    epochs: int = Field(5, gt=0, description="Epochs of LoRA fine-tuning.")
+
+
+class ProbeParams(_Section):
+    C: float = Field(1.0, gt=0, description="Inverse L2 strength of the linear probe on cached embeddings.")
+
+
+TRANSFER_STRATEGIES = ("linear_probe", "partial", "full", "lora")
+
+
 class TrainParams(_Section):
-    freeze_layers: int = Field(2, ge=0, description="Lowest encoder layers kept frozen (with the embeddings).")
-    lr: float = Field(1e-4, gt=0, description="AdamW learning rate for the transferred model.")
+    strategies: list[str] = Field(
+        ["linear_probe", "partial"], min_length=1,
+        description="Transfer strategies to train (linear_probe, partial, full, lora); each is a candidate.",
+    )
+    freeze_layers: int = Field(2, ge=0, description="`partial`: lowest encoder layers kept frozen (with the embeddings).")
+    lr: float = Field(1e-4, gt=0, description="`partial`: AdamW learning rate.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
-    epochs: int = Field(5, gt=0, description="Passes over the training split.")
-    batch_size: int = Field(16, gt=0, description="Examples per optimizer step.")
+    epochs: int = Field(5, gt=0, description="`partial`: passes over the training split.")
+    batch_size: int = Field(16, gt=0, description="Examples per optimizer step (the global batch under torchrun).")
+    grad_accumulation: int = Field(1, gt=0, description="Micro-batches per optimizer step (same update, less memory).")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with linear warm-up.")
+    patience: int | None = Field(2, gt=0, description="Stop after this many epochs without a better val accuracy; null: never.")
+    cache_frozen: bool = Field(True, description="Compute frozen layers' outputs once and reuse them (exact).")
+    checkpoint_every: int = Field(0, ge=0, description="Also checkpoint every N optimizer steps (0: at epoch ends only).")
+    compile: bool = Field(False, description="torch.compile the trained model (pays off on long GPU runs).")
+    nproc_per_node: int = Field(1, gt=0, description="Processes to launch with torchrun (DDP); 1 runs in-process.")
+    full: FullParams = FullParams()
+    lora: LoraParams = LoraParams()
+    probe: ProbeParams = ProbeParams()
     scratch: ScratchParams = ScratchParams()
     tfidf: TfidfParams = TfidfParams()
+
+    @field_validator("strategies")
+    @classmethod
+    def _known_strategies(cls, strategies: list[str]) -> list[str]:
+        unknown = [s for s in strategies if s not in TRANSFER_STRATEGIES]
+        if unknown:
+            raise ValueError(f"unknown strategies {unknown}; choose from {list(TRANSFER_STRATEGIES)}")
+        if len(set(strategies)) != len(strategies):
+            raise ValueError("strategies are listed more than once")
+        return strategies
 
 
 class EvaluateParams(_Section):

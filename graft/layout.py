@@ -90,6 +90,17 @@ class Layout:
         return self._p("models/finetuned")
 
     @property
+    def candidates(self) -> Path:
+        """What train produced: each candidate's kind, folder and role, and the one proposed on
+        validation (deterministic: evaluate and register depend on it, not on run facts)."""
+        return self.finetuned_dir / "candidates.json"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        """Resume state of the train stage: git-ignored, in .dvcignore, never a DVC output."""
+        return self._p("models/checkpoints")
+
+    @property
     def baselines_dir(self) -> Path:
         return self._p("models/baselines")
 

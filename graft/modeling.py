@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
@@ -18,6 +19,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from graft.errors import GraftError
 
@@ -68,8 +70,56 @@ def build_classifier(
     )
 
 
-def load_classifier(model_dir: Path, *, trust_remote_code: bool = False) -> PreTrainedModel:
-    """A trained sequence classifier (ours, or a baseline), weights from safetensors only."""
+PROBE_HEAD_FILE = "probe_head.safetensors"
+
+
+class MeanPoolingClassifier(torch.nn.Module):
+    """A frozen backbone, mean pooling, and a linear head: the linear probe as a classifier.
+
+    A `*ForSequenceClassification` head reads the [CLS] token (through the pooler), so a probe
+    trained on mean-pooled embeddings cannot be written into one; this keeps the probe exact.
+    It answers `model(**inputs).logits` and `model.config.num_labels` like a transformers
+    classifier, so `predict_proba` serves it unchanged."""
+
+    def __init__(self, encoder: PreTrainedModel, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.config = encoder.config
+        self.classifier = torch.nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.classifier.weight.copy_(weight)
+            self.classifier.bias.copy_(bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> SequenceClassifierOutput:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        return SequenceClassifierOutput(logits=self.classifier(mean_pool(hidden.float(), attention_mask)))
+
+
+def save_probe_classifier(
+    encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, weight: np.ndarray, bias: np.ndarray,
+    *, classes: Sequence[str], out_dir: Path,
+) -> None:
+    """The backbone (safetensors), its tokenizer and the probe head, as one model folder."""
+    from graft.files import atomic_path
+
+    encoder.config.num_labels = len(classes)
+    encoder.config.id2label = dict(enumerate(classes))
+    encoder.config.label2id = {c: i for i, c in enumerate(classes)}
+    with atomic_path(out_dir) as tmp:
+        encoder.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        save_file({"weight": torch.as_tensor(weight).contiguous(), "bias": torch.as_tensor(bias).contiguous()},
+                  str(tmp / PROBE_HEAD_FILE))
+
+
+def load_classifier(model_dir: Path, *, trust_remote_code: bool = False) -> torch.nn.Module:
+    """A trained sequence classifier (ours, or a baseline), weights from safetensors only.
+    A folder with a probe head is a mean-pooling linear probe over its backbone."""
+    head = Path(model_dir) / PROBE_HEAD_FILE
+    if head.exists():
+        tensors = load_file(str(head))
+        encoder = load_encoder(model_dir, trust_remote_code=trust_remote_code)
+        return MeanPoolingClassifier(encoder, tensors["weight"], tensors["bias"])
     return AutoModelForSequenceClassification.from_pretrained(
         model_dir, use_safetensors=True, trust_remote_code=trust_remote_code
     )

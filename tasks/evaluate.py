@@ -59,11 +59,6 @@ VERDICT_RANK = {"negative": 0, "no_gain": 1, "positive": 2}
 REQUIRED_RANK = {"any": 0, "no_gain": 1, "positive": 2}
 
 
-def robustness_path(layout: Layout) -> Path:
-    """reports/robustness.json (to move into graft.layout as `Layout.robustness`)."""
-    return layout.reports_dir / "robustness.json"
-
-
 def cached(predict: Predictor) -> Predictor:
     """Memoise a predictor on the exact list of texts, so the test set is scored once per candidate."""
     memo: dict[tuple, np.ndarray] = {}
@@ -108,17 +103,20 @@ def backbone_probe(pretrained_dir: Path, params: config.Params, device, *, texts
     return predict
 
 
-def load_candidates(layout: Layout, params: config.Params, *, train: pd.DataFrame, n_classes: int) -> dict[str, Predictor]:
-    """Every candidate the train stage wrote, plus the frozen-backbone probe, as predictors."""
-    require(layout.finetuned_dir, layout.baselines_dir, layout.pretrained_dir, root=layout.root)
+def load_candidates(layout: Layout, params: config.Params, *, train: pd.DataFrame,
+                    n_classes: int) -> tuple[dict[str, Predictor], dict]:
+    """Every candidate the train stage wrote (its manifest names them and the one proposed on
+    validation), plus the frozen-backbone probe, as predictors."""
+    require(layout.candidates, layout.baselines_dir, layout.pretrained_dir, root=layout.root)
+    manifest = read_json(layout.candidates)
     device = select_device()
-    return {
-        PROPOSED: transformer_predictor(layout.finetuned_dir, params, device, PROPOSED),
-        "scratch": transformer_predictor(layout.baselines_dir / "scratch", params, device, "scratch"),
-        "tfidf": load_tfidf(layout.baselines_dir / "tfidf"),
-        BACKBONE_PROBE: backbone_probe(layout.pretrained_dir, params, device, texts=train["text"].tolist(),
-                                       labels=train["label_id"].to_numpy(), n_classes=n_classes),
-    }
+    predictors: dict[str, Predictor] = {}
+    for name, cand in manifest["candidates"].items():
+        path = Path(layout.root) / cand["path"]
+        predictors[name] = load_tfidf(path) if cand["kind"] == "tfidf" else transformer_predictor(path, params, device, name)
+    predictors[BACKBONE_PROBE] = backbone_probe(layout.pretrained_dir, params, device, texts=train["text"].tolist(),
+                                                labels=train["label_id"].to_numpy(), n_classes=n_classes)
+    return predictors, manifest
 
 
 def gate(params: config.GateParams, *, metrics: Mapping, verdict: Mapping, group_gap: float | None,
@@ -152,10 +150,11 @@ def _resolve(path: str, layout: Layout) -> Path:
 def assess(
     predictors: Mapping[str, Predictor], *, params: config.Params, layout: Layout,
     train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, classes: list[str], group_columns: Sequence[str],
-    domain_column: str | None = None,
+    domain_column: str | None = None, proposed: str = PROPOSED, transferred: Sequence[str] = (PROPOSED,),
 ) -> dict:
     """Everything evaluate reports, from predictors and data frames (no model files): tests call it
-    with planted models."""
+    with planted models. `proposed` is the candidate train chose on validation; `transferred` names
+    every candidate that starts from the pretrained backbone."""
     e, n_classes = params.evaluate, len(classes)
     predictors = {name: cached(p) for name, p in predictors.items()}
     test_texts, val_texts = test["text"].tolist(), val["text"].tolist()
@@ -165,19 +164,19 @@ def assess(
 
     resamples = bootstrap_indices(len(y_test), e.bootstrap_samples, params.seed)
     candidates = {
-        name: {"role": "transferred" if name == PROPOSED else "backbone_probe" if name == BACKBONE_PROBE else "baseline",
+        name: {"role": "transferred" if name in transferred else "backbone_probe" if name == BACKBONE_PROBE else "baseline",
                "test": with_intervals(y_test, pred[name], resamples, e.confidence, n_classes)}
         for name in predictors
     }
     for name, c in candidates.items():
         if name != BACKBONE_PROBE:
             c["val"] = point_scores(y_val, predictors[name](val_texts).argmax(1), n_classes)
-    verdict = transfer_verdict(y_test, pred[PROPOSED], {b: pred[b] for b in BASELINES if b in pred}, resamples,
+    verdict = transfer_verdict(y_test, pred[proposed], {b: pred[b] for b in BASELINES if b in pred}, resamples,
                                confidence=e.confidence, alpha=e.alpha)
-    transfer = {"proposed": PROPOSED, "candidates": candidates, "confidence": e.confidence, **verdict}
-    metrics = {"model": PROPOSED}
+    transfer = {"proposed": proposed, "candidates": candidates, "confidence": e.confidence, **verdict}
+    metrics = {"model": proposed}
     for split, y, texts in (("test", y_test, test_texts), ("val", y_val, val_texts)):
-        p = predictors[PROPOSED](texts).argmax(1)
+        p = predictors[proposed](texts).argmax(1)
         f1 = f1_score(y, p, average=None, labels=range(n_classes), zero_division=0)
         metrics[split] = {**point_scores(y, p, n_classes), "per_class_f1": dict(zip(classes, f1.tolist(), strict=True))}
 
@@ -232,25 +231,25 @@ def assess(
                                major=e.major_flip_rate, classes=classes, examples=e.examples)
         for name, p in predictors.items()}}
 
-    group_gaps = [max(g[PROPOSED]["gaps"]["accuracy"], g[PROPOSED]["gaps"]["macro_f1"]) for g in groups.values()]
+    group_gaps = [max(g[proposed]["gaps"]["accuracy"], g[proposed]["gaps"]["macro_f1"]) for g in groups.values()]
     result_gate = gate(params.gate, metrics=metrics["test"], verdict=verdict,
                        group_gap=max(group_gaps) if group_gaps else None,
-                       counterfactual_flip_rate=counterfactual[PROPOSED]["max_flip_rate"],
-                       robustness_flip_rate=robustness["candidates"][PROPOSED]["max_flip_rate"])
-    metrics["probes"] = {"counterfactual_max_flip_rate": counterfactual[PROPOSED]["max_flip_rate"],
-                         "robustness_max_flip_rate": robustness["candidates"][PROPOSED]["max_flip_rate"]}
-    return {"metrics": metrics, "transfer": transfer, "bias": bias, "robustness": robustness, "gate": result_gate,
+                       counterfactual_flip_rate=counterfactual[proposed]["max_flip_rate"],
+                       robustness_flip_rate=robustness["candidates"][proposed]["max_flip_rate"])
+    metrics["probes"] = {"counterfactual_max_flip_rate": counterfactual[proposed]["max_flip_rate"],
+                         "robustness_max_flip_rate": robustness["candidates"][proposed]["max_flip_rate"]}
+    return {"proposed": proposed, "metrics": metrics, "transfer": transfer, "bias": bias, "robustness": robustness, "gate": result_gate,
             "predictions": pred, "y_test": y_test}
 
 
 def plots(result: Mapping, classes: list[str]) -> dict[str, bytes | None]:
     """PNG bytes of every plot, shared by reports/plots/ and the inline report."""
-    pred, y = result["predictions"][PROPOSED], result["y_test"]
+    pred, y = result["predictions"][result["proposed"]], result["y_test"]
     matrix = confusion_matrix(y, pred, labels=range(len(classes)))
     cf = result["bias"]["counterfactual"]
     rob = result["robustness"]["candidates"]
     out = {
-        "confusion": confusion_png(matrix, classes, f"{PROPOSED}: test accuracy {result['metrics']['test']['accuracy']:.3f}"),
+        "confusion": confusion_png(matrix, classes, f"{result['proposed']}: test accuracy {result['metrics']['test']['accuracy']:.3f}"),
         "candidates": candidates_png(result["transfer"]["candidates"]),
         "counterfactual": grouped_bars_png({n: {a: v["flip_rate"] for a, v in c["axes"].items()} for n, c in cf.items()},
                                            "counterfactual flip rate"),
@@ -284,22 +283,24 @@ def evaluate(params: config.Params, *, layout: Layout | None = None) -> dict:
         missing = {"text", "label", "label_id"} - set(splits[name].columns)
         if missing:
             raise GraftError(f"{layout.split_file(name)}: missing column(s) {sorted(missing)}")
-    predictors = load_candidates(layout, params, train=splits["train"], n_classes=len(classes))
+    predictors, manifest = load_candidates(layout, params, train=splits["train"], n_classes=len(classes))
+    transferred = [n for n, c in manifest["candidates"].items() if c["role"] == "transfer"]
     result = assess(predictors, params=params, layout=layout, **splits, classes=classes,
-                    group_columns=group_columns, domain_column=domain_column)
+                    group_columns=group_columns, domain_column=domain_column, proposed=manifest["proposed"],
+                    transferred=transferred)
     images = plots(result, classes)
     for name, png in images.items():
         if png is not None:
             with atomic_path(layout.plots_dir / f"{name}.png") as tmp:
                 tmp.write_bytes(png)
     confusion_rows = pd.DataFrame({"actual": [classes[i] for i in result["y_test"]],
-                                   "predicted": [classes[i] for i in result["predictions"][PROPOSED]]})
+                                   "predicted": [classes[i] for i in result["predictions"][result["proposed"]]]})
     atomic_write_text(layout.plots_dir / "confusion.csv", confusion_rows.to_csv(index=False))
     result["metrics"]["evaluate_seconds"] = round(time.perf_counter() - started, 2)
     write_json(layout.metrics, result["metrics"])
     write_json(layout.transfer, result["transfer"])
     write_json(layout.bias, result["bias"])
-    write_json(robustness_path(layout), result["robustness"])
+    write_json(layout.robustness, result["robustness"])
     write_json(layout.gate, result["gate"])
     atomic_write_text(layout.report_html, render_html(
         transfer=result["transfer"], gate=result["gate"], bias=result["bias"], robustness=result["robustness"],

@@ -1,214 +1,222 @@
-"""train: the transferred model (backbone + new head, lower layers frozen) and two baselines on the
-same split: the same architecture from random init (`scratch`) and TF-IDF + logistic regression."""
+"""train: every transfer strategy in `train.strategies` plus the two baselines on the same split:
+the same architecture from random init (`scratch`) and TF-IDF + logistic regression (`tfidf`).
+
+Writes one plain model folder per candidate (models/finetuned/<strategy>/, models/baselines/
+{scratch,tfidf}/) and reports/train.json: the candidates, the one `proposed` (best on
+validation, never test) and the run facts (seconds, throughput, device) that model folders
+must not hold. With `train.nproc_per_node > 1` the stage re-launches itself under torchrun.
+"""
 
 from __future__ import annotations
 
-import json
-import math
-import platform
-import time
-from collections.abc import Sequence
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
-from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.linear_model import LogisticRegression
-from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+import torch.distributed as dist
 
 from graft import config
-from graft.baselines import load_tfidf  # noqa: F401  (re-exported for callers of the old path)
+from graft.baselines import fit_tfidf, save_tfidf
 from graft.errors import exits_cleanly
-from graft.files import atomic_path, write_json
-from graft.layout import Layout
+from graft.files import atomic_path, read_json, sha256_file, write_json
+from graft.layout import Layout, require
 from graft.modeling import (
-    autocast,
     build_classifier,
-    collate,
-    freeze_lower_layers,
+    load_encoder,
     load_tokenizer,
-    predict_proba,
+    save_probe_classifier,
     seed_everything,
-    select_device,
-    tokenize,
+)
+from graft.training import (
+    FitSettings,
+    dist_env,
+    fingerprint_of,
+    fit,
+    init_distributed,
+    prepare_strategy,
+    train_linear_probe,
+    write_training_state,
 )
 
-_LAYOUT = Layout()
-PRETRAINED_DIR = _LAYOUT.pretrained_dir
-PREPARED_DIR = _LAYOUT.prepared_dir
-FINETUNED_DIR = _LAYOUT.finetuned_dir
-BASELINES_DIR = _LAYOUT.baselines_dir
-
-
-def load_split(name: str, prepared_dir: Path = PREPARED_DIR) -> pd.DataFrame:
-    return pd.read_parquet(prepared_dir / f"{name}.parquet")
-
-REPORT = Path("reports/train.json")
 TRAINING_STATE = "training.json"
 
 
-def fit(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    train_texts: Sequence[str],
-    train_labels: np.ndarray,
-    val_texts: Sequence[str],
-    val_labels: np.ndarray,
-    lr: float,
-    weight_decay: float,
-    epochs: int,
-    batch_size: int,
-    warmup_ratio: float,
-    max_length: int,
-    seed: int,
-    device: torch.device,
-    desc: str,
-) -> dict:
-    """Train the parameters that require grad; keep the weights of the best validation epoch."""
-    model.to(device)
-    ids = tokenize(tokenizer, train_texts, max_length)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(ids) / batch_size)
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, int(warmup_ratio * steps_per_epoch * epochs), steps_per_epoch * epochs
+def checkpoints_dir(layout: Layout) -> Path:
+    return layout.checkpoints_dir
+
+
+def _settings(params: config.Params, *, lr: float, epochs: int) -> FitSettings:
+    t = params.train
+    return FitSettings(
+        lr=lr, epochs=epochs, batch_size=t.batch_size, weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio,
+        grad_accumulation=t.grad_accumulation, max_length=params.model.max_length, seed=params.seed,
+        patience=t.patience, cache_frozen=t.cache_frozen, checkpoint_every=t.checkpoint_every, compile=t.compile,
     )
-    # A generator of its own, so the shuffle order does not depend on how many random
-    # numbers model construction or dropout consumed.
-    shuffle = torch.Generator().manual_seed(seed)
-    history, best_state, best = [], None, {"epoch": 0, "val_accuracy": -1.0}
-    for epoch in range(1, epochs + 1):
-        model.train()
-        order = torch.randperm(len(ids), generator=shuffle).tolist()
-        loss_sum = 0.0
-        bar = tqdm(range(0, len(ids), batch_size), desc=f"{desc} epoch {epoch}/{epochs}", unit="step", mininterval=1.0)
-        for start in bar:
-            batch = order[start : start + batch_size]
-            inputs = collate(tokenizer, [ids[i] for i in batch], device)
-            targets = torch.as_tensor(train_labels[batch], device=device)
-            with autocast(device):
-                logits = model(**inputs).logits
-            # the loss in fp32 even under bf16 autocast: small-batch cross-entropy is sensitive
-            loss = F.cross_entropy(logits.float(), targets)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.item() * len(batch)
-        val_proba = predict_proba(
-            model, tokenizer, val_texts, max_length=max_length, batch_size=64, device=device, desc=f"{desc} val"
-        )
-        val_accuracy = float((val_proba.argmax(1) == val_labels).mean())
-        history.append({"epoch": epoch, "train_loss": loss_sum / len(ids), "val_accuracy": val_accuracy})
-        tqdm.write(f"{desc} epoch {epoch}: train loss {loss_sum / len(ids):.4f}, val accuracy {val_accuracy:.4f}")
-        if val_accuracy > best["val_accuracy"]:
-            best = {"epoch": epoch, "val_accuracy": val_accuracy}
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
-    return {"history": history, "best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"]}
 
 
-def save_classifier(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path, state: dict) -> None:
-    """safetensors weights + config + tokenizer + how they were trained, written atomically."""
-    with atomic_path(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_json(tmp / TRAINING_STATE, state)
-
-
-def train_transformer(
-    params: config.Params, *, classes: list[str], data: dict, device: torch.device, from_scratch: bool
-) -> tuple[PreTrainedModel, dict]:
-    """Build (pretrained or random-init), freeze, fit, and describe one transformer classifier."""
+def train_transformer(params: config.Params, strategy: str, *, classes: list[str], data: dict, layout: Layout,
+                      device: torch.device, data_digest: str) -> tuple[torch.nn.Module, dict]:
+    """Build, adapt, fit and describe one transformer candidate (`scratch` included)."""
     t = params.train
     trust = params.model.trust_remote_code
-    tokenizer = load_tokenizer(PRETRAINED_DIR, trust_remote_code=trust)
-    # Seed right before building, so the new head's init is the same whatever ran before.
+    lr, epochs, freeze = {
+        "partial": (t.lr, t.epochs, t.freeze_layers),
+        "full": (t.full.lr, t.full.epochs, 0),
+        "lora": (t.lora.lr, t.lora.epochs, 0),
+        "scratch": (t.scratch.lr, t.scratch.epochs, 0),
+    }[strategy]
+    tokenizer = load_tokenizer(layout.pretrained_dir, trust_remote_code=trust)
+    # Seed right before building, so the new head's (and adapters') init is the same whatever ran before.
     seed_everything(params.seed)
-    model = build_classifier(PRETRAINED_DIR, classes=classes, from_scratch=from_scratch, trust_remote_code=trust)
-    freeze = 0 if from_scratch else t.freeze_layers
-    trainable = freeze_lower_layers(model, freeze)
-    lr, epochs = (t.scratch.lr, t.scratch.epochs) if from_scratch else (t.lr, t.epochs)
-    started = time.perf_counter()
-    result = fit(
-        model, tokenizer, **data, lr=lr, weight_decay=t.weight_decay, epochs=epochs, batch_size=t.batch_size,
-        warmup_ratio=t.warmup_ratio, max_length=params.model.max_length, seed=params.seed, device=device,
-        desc="scratch" if from_scratch else "finetune",
-    )
+    model = build_classifier(layout.pretrained_dir, classes=classes, from_scratch=strategy == "scratch",
+                             trust_remote_code=trust)
+    lora = {"r": t.lora.r, "alpha": t.lora.alpha, "dropout": t.lora.dropout}
+    model, frozen, groups = prepare_strategy(model, strategy, freeze_layers=freeze, lr=lr, weight_decay=t.weight_decay,
+                                             layer_decay=t.full.layer_decay, lora=lora)
+    settings = _settings(params, lr=lr, epochs=epochs)
+    _, world = dist_env()
+    fingerprint = fingerprint_of(strategy, t.model_dump(), params.model.model_dump(), params.seed, world, data_digest)
+    result = fit(model, tokenizer, **data, settings=settings, param_groups=groups, device=device, freeze_layers=frozen,
+                 checkpoint_dir=checkpoints_dir(layout) / strategy, fingerprint=fingerprint, desc=strategy)
+    trainable = sum(p.numel() for g in groups for p in g["params"])
+    if strategy == "lora":
+        model = model.merge_and_unload()  # a plain model: loaders need neither peft nor the adapter
     state = {
         **result,
-        "init": "random" if from_scratch else "pretrained",
-        "freeze_layers": freeze,
+        "strategy": strategy,
+        "init": "random" if strategy == "scratch" else "pretrained",
+        "freeze_layers": frozen,
         "trainable_parameters": trainable,
         "total_parameters": int(sum(p.numel() for p in model.parameters())),
         "lr": lr,
         "epochs": epochs,
         "seed": params.seed,
-        "device": device.type,
-        "seconds": round(time.perf_counter() - started, 2),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
     }
     return model.cpu(), state
 
 
-def train_tfidf(params: config.Params, *, texts: Sequence[str], labels: np.ndarray, classes: list[str], out_dir: Path) -> dict:
-    """TF-IDF + logistic regression, stored as JSON + npz (no pickle)."""
-    started = time.perf_counter()
-    vectorizer = TfidfVectorizer(ngram_range=(1, params.train.tfidf.ngram_max), sublinear_tf=True)
-    x = vectorizer.fit_transform(texts)
-    clf = LogisticRegression(C=params.train.tfidf.C, max_iter=5000, random_state=params.seed).fit(x, labels)
-    vocabulary = [None] * len(vectorizer.vocabulary_)
-    for term, index in vectorizer.vocabulary_.items():
-        vocabulary[index] = term
-    with atomic_path(out_dir) as tmp:
-        tmp.mkdir()
-        (tmp / "vocabulary.json").write_text(json.dumps(vocabulary))
-        np.savez(tmp / "weights.npz", idf=vectorizer.idf_, coef=clf.coef_, intercept=clf.intercept_)
-        state = {"classes": classes, "ngram_max": params.train.tfidf.ngram_max, "C": params.train.tfidf.C,
-                 "vocabulary_size": len(vocabulary), "seconds": round(time.perf_counter() - started, 2)}
-        write_json(tmp / TRAINING_STATE, state)
+def train_probe(params: config.Params, *, classes: list[str], data: dict, layout: Layout, out_dir: Path) -> dict:
+    """The linear probe on the features stage's embeddings: no backbone forward pass at all."""
+    require(layout.features_file("train"), layout.features_file("val"), root=layout.root)
+    train_x, val_x = np.load(layout.features_file("train")), np.load(layout.features_file("val"))
+    weight, bias, facts = train_linear_probe(train_x, data["train_labels"], val_x, data["val_labels"],
+                                             C=params.train.probe.C, seed=params.seed)
+    trust = params.model.trust_remote_code
+    save_probe_classifier(load_encoder(layout.pretrained_dir, trust_remote_code=trust),
+                          load_tokenizer(layout.pretrained_dir, trust_remote_code=trust),
+                          weight, bias, classes=classes, out_dir=out_dir)
+    state = {**facts, "strategy": "linear_probe", "init": "pretrained", "pooling": "mean",
+             "trainable_parameters": int(weight.size + bias.size), "seed": params.seed}
+    write_training_state(out_dir / TRAINING_STATE, state)
     return state
 
 
-def train(params: config.Params) -> dict:
-    """Train the transferred model and both baselines; write the models and reports/train.json."""
-    device = select_device()
-    train_df, val_df = load_split("train", PREPARED_DIR), load_split("val", PREPARED_DIR)
-    classes = json.loads((PREPARED_DIR / "datacard.json").read_text())["classes"]
+def save_transformer(model: torch.nn.Module, tokenizer, out_dir: Path, state: dict) -> None:
+    """safetensors weights + config + tokenizer + how they were trained, written atomically."""
+    with atomic_path(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_training_state(tmp / TRAINING_STATE, state)
+
+
+def _candidate(kind: str, path: Path, layout: Layout, state: dict) -> dict:
+    run_facts = {k: state[k] for k in ("seconds", "throughput", "cache_seconds", "frozen_cached") if k in state}
+    return {"kind": kind, "path": Path(path).relative_to(layout.root).as_posix(), "strategy": state.get("strategy"),
+            "best_val_accuracy": state.get("best_val_accuracy"), "best_epoch": state.get("best_epoch"),
+            "trainable_parameters": state.get("trainable_parameters"), **run_facts}
+
+
+def train(params: config.Params, *, layout: Layout | None = None) -> dict:
+    """Train every strategy and both baselines; write the models and reports/train.json (rank 0)."""
+    layout = layout or Layout()
+    device = init_distributed()
+    rank, world = dist_env()
+    require(layout.split_file("train"), layout.split_file("val"), layout.datacard, layout.pretrained_dir, root=layout.root)
+    train_df, val_df = pd.read_parquet(layout.split_file("train")), pd.read_parquet(layout.split_file("val"))
+    classes = read_json(layout.datacard)["classes"]
     data = {
         "train_texts": train_df["text"].tolist(), "train_labels": train_df["label_id"].to_numpy(),
         "val_texts": val_df["text"].tolist(), "val_labels": val_df["label_id"].to_numpy(),
     }
-    tokenizer = load_tokenizer(PRETRAINED_DIR, trust_remote_code=params.model.trust_remote_code)
-    report = {"device": device.type, "classes": classes, "candidates": {}}
-
-    model, state = train_transformer(params, classes=classes, data=data, device=device, from_scratch=False)
-    save_classifier(model, tokenizer, FINETUNED_DIR, state)
-    report["candidates"]["finetune"] = state
-
-    model, state = train_transformer(params, classes=classes, data=data, device=device, from_scratch=True)
-    save_classifier(model, tokenizer, BASELINES_DIR / "scratch", state)
-    report["candidates"]["scratch"] = state
-
-    report["candidates"]["tfidf"] = train_tfidf(
-        params, texts=data["train_texts"], labels=data["train_labels"], classes=classes, out_dir=BASELINES_DIR / "tfidf"
-    )
-    write_json(REPORT, report)
+    data_digest = fingerprint_of(sha256_file(layout.split_file("train")), sha256_file(layout.split_file("val")))
+    tokenizer = load_tokenizer(layout.pretrained_dir, trust_remote_code=params.model.trust_remote_code)
+    candidates: dict[str, dict] = {}
+    for strategy in [*params.train.strategies, "scratch"]:
+        kind = "baseline" if strategy == "scratch" else "transfer"
+        out_dir = layout.baselines_dir / "scratch" if strategy == "scratch" else layout.finetuned_dir / strategy
+        if strategy == "linear_probe":
+            state = train_probe(params, classes=classes, data=data, layout=layout, out_dir=out_dir) if rank == 0 else {}
+        else:
+            model, state = train_transformer(params, strategy, classes=classes, data=data, layout=layout,
+                                             device=device, data_digest=data_digest)
+            if rank == 0:
+                save_transformer(model, tokenizer, out_dir, state)
+                # the model is safe on disk: its resume state has served (a kill before this
+                # line resumes a finished run, which only saves the model again)
+                shutil.rmtree(checkpoints_dir(layout) / strategy, ignore_errors=True)
+        candidates[strategy] = {**_candidate("transformer", out_dir, layout, state), "role": kind} if rank == 0 else {}
+    if rank == 0:
+        t = params.train.tfidf
+        pipeline = fit_tfidf(data["train_texts"], data["train_labels"], ngram_max=t.ngram_max, C=t.C, seed=params.seed)
+        val_accuracy = float((pipeline.predict(data["val_texts"]) == data["val_labels"]).mean())
+        state = {"strategy": "tfidf", "classes": classes, "ngram_max": t.ngram_max, "C": t.C,
+                 "vocabulary_size": len(pipeline.named_steps["tfidf"].vocabulary_), "best_val_accuracy": val_accuracy}
+        save_tfidf(pipeline, layout.baselines_dir / "tfidf", state)
+        candidates["tfidf"] = {**_candidate("tfidf", layout.baselines_dir / "tfidf", layout, state), "role": "baseline"}
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        return {}
+    # The proposal is made on validation only; ties go to the strategy listed first.
+    transfer = [s for s in params.train.strategies]
+    proposed = max(transfer, key=lambda s: (candidates[s]["best_val_accuracy"], -transfer.index(s)))
+    report = {"device": device.type, "world_size": world, "torch": torch.__version__, "classes": classes,
+              "candidates": candidates, "proposed": proposed}
+    write_candidates(layout, params.train.strategies, candidates, proposed, classes)
+    write_json(layout.train_report, report)
     return report
+
+
+MANIFEST_KEYS = ("kind", "path", "strategy", "role", "best_val_accuracy", "best_epoch")
+
+
+def write_candidates(layout: Layout, strategies: list[str], candidates: dict, proposed: str, classes: list[str]) -> None:
+    """The deterministic part of the report, inside models/finetuned (what evaluate and register
+    read), and no folder of a strategy that is no longer trained (outputs persist between runs)."""
+    for folder in layout.finetuned_dir.iterdir():
+        if folder.is_dir() and folder.name not in strategies:
+            shutil.rmtree(folder)
+    manifest = {"classes": classes, "proposed": proposed,
+                "candidates": {name: {k: c.get(k) for k in MANIFEST_KEYS} for name, c in candidates.items()}}
+    write_json(layout.candidates, manifest)
+
+
+def launch_under_torchrun(nproc: int) -> int:
+    """Re-run this stage as `torchrun --standalone --nproc_per_node=N -m tasks.train`."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "tasks.train"]
+    return subprocess.run(cmd, check=False).returncode
 
 
 @exits_cleanly
 def main() -> None:
-    report = train(config.load())
-    for name, state in report["candidates"].items():
-        val = state.get("best_val_accuracy")
-        print(f"train: {name}: {state['seconds']}s" + (f", best val accuracy {val:.4f}" if val is not None else ""))  # noqa: T201
+    params = config.load()
+    if params.train.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
+        raise SystemExit(launch_under_torchrun(params.train.nproc_per_node))
+    report = train(params)
+    for name, cand in report.get("candidates", {}).items():
+        val = cand.get("best_val_accuracy")
+        seconds = cand.get("seconds")
+        print(f"train: {name}: " + (f"{seconds}s, " if seconds is not None else "")  # noqa: T201
+              + (f"best val accuracy {val:.4f}" if val is not None else ""))
+    if report:
+        print(f"train: proposed {report['proposed']} (best on validation)")  # noqa: T201
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

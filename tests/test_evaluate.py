@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from sklearn.metrics import accuracy_score, f1_score
 
 from graft import config
@@ -340,14 +341,17 @@ def test_reports_follow_the_design_contract(evaluated: Path):
     metrics = read_json(evaluated / "reports/metrics.json")
     assert {"accuracy", "macro_f1"} <= set(metrics["test"]) and {"accuracy", "macro_f1"} <= set(metrics["val"])
     transfer = read_json(evaluated / "reports/transfer.json")
-    assert set(transfer["candidates"]) == {"finetune", "scratch", "tfidf", "backbone_probe"}
+    strategies = yaml.safe_load((evaluated / "params.yaml").read_text())["train"]["strategies"]
+    assert set(transfer["candidates"]) == {*strategies, "scratch", "tfidf", "backbone_probe"}
+    assert transfer["proposed"] == read_json(evaluated / "models/finetuned/candidates.json")["proposed"]
+    assert {transfer["candidates"][s]["role"] for s in strategies} == {"transferred"}
     for cand in transfer["candidates"].values():
         low, high = cand["test"]["accuracy_ci"]
         assert low <= cand["test"]["accuracy"] <= high
     assert transfer["verdict"] in {"positive", "no_gain", "negative"}
     assert transfer["negative_transfer"] is (transfer["verdict"] == "negative")
     assert transfer["margin"] == pytest.approx(
-        transfer["candidates"]["finetune"]["test"]["accuracy"]
+        transfer["candidates"][transfer["proposed"]]["test"]["accuracy"]
         - transfer["candidates"][transfer["best_baseline"]]["test"]["accuracy"])
     bias = read_json(evaluated / "reports/bias.json")
     assert set(bias["counterfactual"]) == set(transfer["candidates"])

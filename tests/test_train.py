@@ -1,19 +1,26 @@
-"""train: frozen layers stay put, weights are safetensors, training is deterministic, the
-TF-IDF baseline round-trips without pickle."""
+"""train: every strategy trains; frozen layers stay put and their cached outputs are exact; the
+linear probe runs no backbone pass; model folders are stable; the TF-IDF baseline round-trips
+through skops with scikit-learn's own probabilities."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 from safetensors.numpy import load_file
 
+from graft.baselines import load_tfidf
 from graft.errors import GraftError
 from graft.files import read_json
+from graft.layout import Layout
+from graft.modeling import load_classifier, load_tokenizer, predict_proba
+from tasks.features import features
 from tasks.fetch import fetch
 from tasks.prepare import prepare
-from tasks.train import BASELINES_DIR, FINETUNED_DIR, REPORT, load_tfidf, train
+from tasks.train import train
 
 from .conftest import load_params
 
@@ -23,24 +30,52 @@ def prepared(workspace: Path) -> Path:
     params = load_params(workspace)
     prepare(params)
     fetch(params)
+    features(params)
     return workspace
 
 
-def test_train_writes_models_and_report(prepared: Path, tiny_model_dir: Path):
-    report = train(load_params(prepared))
-    assert set(report["candidates"]) == {"finetune", "scratch", "tfidf"}
-    for name in ("finetune", "scratch"):
-        state = report["candidates"][name]
-        assert len(state["history"]) == 2 and 1 <= state["best_epoch"] <= 2
-        assert state["best_val_accuracy"] == max(h["val_accuracy"] for h in state["history"])
-    assert report["candidates"]["finetune"]["trainable_parameters"] < report["candidates"]["scratch"]["trainable_parameters"]
-    for folder in (FINETUNED_DIR, BASELINES_DIR / "scratch"):
-        assert (folder / "model.safetensors").exists() and not list(folder.glob("*.bin"))
-        assert (folder / "training.json").exists() and (folder / "tokenizer_config.json").exists()
-    assert read_json(REPORT) == report
+def with_train(params, **update):
+    return params.model_copy(update={"train": params.train.model_copy(update=update)})
 
+
+def test_every_strategy_trains_and_loads(prepared: Path, tiny_model_dir: Path):
+    layout = Layout(prepared)
+    params = with_train(load_params(prepared), strategies=["linear_probe", "partial", "full", "lora"])
+    report = train(params, layout=layout)
+    assert set(report["candidates"]) == {"linear_probe", "partial", "full", "lora", "scratch", "tfidf"}
+    assert report["proposed"] in params.train.strategies
+    best = max(report["candidates"][s]["best_val_accuracy"] for s in params.train.strategies)
+    assert report["candidates"][report["proposed"]]["best_val_accuracy"] == best
+    assert read_json(layout.train_report) == report
+
+    val = pd.read_parquet(layout.split_file("val"))
+    for name, cand in report["candidates"].items():
+        folder = prepared / cand["path"]
+        assert folder.is_dir(), name
+        assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pt")) and not list(folder.glob("*.pkl"))
+        state = read_json(folder / "training.json")
+        # run facts (seconds, throughput) live in reports/train.json, never in a model folder
+        assert "seconds" not in state and "throughput" not in state
+        if cand["kind"] == "tfidf":
+            continue
+        assert (folder / "tokenizer_config.json").exists()
+        model = load_classifier(folder)
+        proba = predict_proba(model, load_tokenizer(folder), val["text"].tolist(), max_length=32, batch_size=8,
+                              device=torch.device("cpu"))
+        accuracy = float((proba.argmax(1) == val["label_id"].to_numpy()).mean())
+        assert accuracy == pytest.approx(cand["best_val_accuracy"], abs=1e-9), name
+    # LoRA is merged: a plain model folder, no adapter files, no peft needed to load it
+    assert not list((layout.finetuned_dir / "lora").glob("adapter_*"))
+    for name in ("partial", "full", "lora", "scratch"):
+        throughput = report["candidates"][name]["throughput"]
+        assert throughput and all(t["samples_per_s"] > 0 and t["tokens_per_s"] > 0 for t in throughput)
+
+
+def test_partial_keeps_frozen_weights_bit_identical(prepared: Path, tiny_model_dir: Path):
+    layout = Layout(prepared)
+    train(with_train(load_params(prepared), strategies=["partial"]), layout=layout)
     pretrained = load_file(str(tiny_model_dir / "model.safetensors"))
-    tuned = load_file(str(FINETUNED_DIR / "model.safetensors"))
+    tuned = load_file(str(layout.finetuned_dir / "partial" / "model.safetensors"))
     frozen = [k for k in pretrained if k.startswith(("embeddings.", "encoder.layer.0."))]
     trained = [k for k in pretrained if k.startswith("encoder.layer.1.") and k.endswith("weight")]
     assert frozen and trained
@@ -49,36 +84,94 @@ def test_train_writes_models_and_report(prepared: Path, tiny_model_dir: Path):
     assert any(not np.array_equal(pretrained[k], tuned[f"bert.{k}"]) for k in trained)
 
 
-def test_training_is_deterministic(prepared: Path):
-    params = load_params(prepared)
-    first = train(params)
-    weights = load_file(str(FINETUNED_DIR / "model.safetensors"))
-    second = train(params)
-    for name in ("finetune", "scratch"):
-        assert first["candidates"][name]["history"] == second["candidates"][name]["history"]
-    again = load_file(str(FINETUNED_DIR / "model.safetensors"))
-    for key, value in weights.items():
-        np.testing.assert_array_equal(value, again[key])
+def test_cached_frozen_outputs_match_recomputing_them(prepared: Path):
+    layout = Layout(prepared)
+    params = with_train(load_params(prepared), strategies=["partial"], patience=None)
+    cached = train(params, layout=layout)["candidates"]["partial"]
+    cached_weights = load_file(str(layout.finetuned_dir / "partial" / "model.safetensors"))
+    recomputed = train(with_train(params, cache_frozen=False), layout=layout)["candidates"]["partial"]
+    again = load_file(str(layout.finetuned_dir / "partial" / "model.safetensors"))
+    assert cached["frozen_cached"] and not recomputed["frozen_cached"]
+    history = read_json(layout.finetuned_dir / "partial" / "training.json")["history"]
+    assert len(history) == 2
+    for key, value in cached_weights.items():
+        np.testing.assert_allclose(value, again[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_linear_probe_runs_no_backbone_forward(prepared: Path, monkeypatch):
+    from transformers.models.bert import modeling_bert
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the linear probe must not run the backbone")
+
+    monkeypatch.setattr(modeling_bert.BertModel, "forward", refuse)
+    layout = Layout(prepared)
+    params = with_train(load_params(prepared), strategies=["linear_probe"])
+    from tasks import train as train_stage
+
+    monkeypatch.setattr(train_stage, "train_transformer", lambda *a, **k: pytest.fail("only the probe should train"))
+    state = train_stage.train_probe(params, classes=read_json(layout.datacard)["classes"],
+                                    data={"train_labels": pd.read_parquet(layout.split_file("train"))["label_id"].to_numpy(),
+                                          "val_labels": pd.read_parquet(layout.split_file("val"))["label_id"].to_numpy()},
+                                    layout=layout, out_dir=layout.finetuned_dir / "linear_probe")
+    assert 0 <= state["best_val_accuracy"] <= 1
+    assert (layout.finetuned_dir / "linear_probe" / "probe_head.safetensors").exists()
+
+
+def test_model_folders_are_byte_identical_across_runs(prepared: Path):
+    layout = Layout(prepared)
+    params = with_train(load_params(prepared), strategies=["linear_probe", "partial"])
+    train(params, layout=layout)
+    first = {p.relative_to(prepared): p.read_bytes() for p in (prepared / "models").rglob("*")
+             if p.is_file() and "pretrained" not in p.parts}
+    train(params, layout=layout)
+    second = {p.relative_to(prepared): p.read_bytes() for p in (prepared / "models").rglob("*")
+              if p.is_file() and "pretrained" not in p.parts}
+    assert first.keys() == second.keys()
+    assert [k for k in first if first[k] != second[k]] == []
+    # a finished run leaves no resume state behind
+    assert not list((prepared / "models" / "checkpoints").glob("*/state.json"))
 
 
 def test_freezing_more_layers_than_exist_is_named(prepared: Path):
-    params = load_params(prepared)
-    params = params.model_copy(update={"train": params.train.model_copy(update={"freeze_layers": 5})})
+    params = with_train(load_params(prepared), strategies=["partial"], freeze_layers=5)
     with pytest.raises(GraftError, match="freeze_layers=5, but the backbone has only 2 layers"):
-        train(params)
+        train(params, layout=Layout(prepared))
+
+
+def test_unknown_strategy_is_named(prepared: Path):
+    import yaml
+
+    from graft import config
+
+    params = yaml.safe_load((prepared / "params.yaml").read_text())
+    params["train"]["strategies"] = ["partial", "distill"]
+    with pytest.raises(GraftError, match=r"train\.strategies: .*distill"):
+        config.validate(params)
 
 
 def test_tfidf_round_trip_matches_sklearn(prepared: Path):
-    import pandas as pd
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    params = load_params(prepared)
-    train(params)
-    frame = pd.read_parquet("data/prepared/train.parquet")
-    test = pd.read_parquet("data/prepared/test.parquet")["text"].tolist()
+    layout = Layout(prepared)
+    params = with_train(load_params(prepared), strategies=["linear_probe"])
+    train(params, layout=layout)
+    frame = pd.read_parquet(layout.split_file("train"))
+    test = pd.read_parquet(layout.split_file("test"))["text"].tolist()
     vec = TfidfVectorizer(ngram_range=(1, params.train.tfidf.ngram_max), sublinear_tf=True)
     clf = LogisticRegression(C=params.train.tfidf.C, max_iter=5000, random_state=params.seed)
     clf.fit(vec.fit_transform(frame["text"]), frame["label_id"])
     expected = clf.predict_proba(vec.transform(test))
-    np.testing.assert_allclose(load_tfidf(BASELINES_DIR / "tfidf")(test), expected, atol=1e-6)
+    np.testing.assert_allclose(load_tfidf(layout.baselines_dir / "tfidf")(test), expected, atol=1e-12)
+
+
+def test_binary_tfidf_probabilities_are_sklearns(tmp_path: Path):
+    from graft.baselines import fit_tfidf, save_tfidf
+
+    texts, labels = ["rain and wind", "wind and storm", "sun and heat", "heat and sun again"], np.array([0, 0, 1, 1])
+    pipeline = fit_tfidf(texts, labels, ngram_max=1, C=10.0, seed=0)
+    save_tfidf(pipeline, tmp_path / "tfidf", {"classes": ["wet", "dry"]})
+    loaded = load_tfidf(tmp_path / "tfidf")(["storm and heat"])
+    scores = pipeline.decision_function(["storm and heat"])
+    np.testing.assert_allclose(loaded[:, 1], 1 / (1 + np.exp(-scores)), atol=1e-12)  # sigmoid(s), not sigmoid(2s)
