@@ -236,7 +236,18 @@ def load(path: Path = PARAMS_FILE) -> Params:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise GraftError(f"{path}: not valid YAML: {err}") from None
-    return validate(raw, str(path))
+    return validate(_exponents_as_numbers(raw), str(path))
+
+
+def _exponents_as_numbers(value: Any) -> Any:
+    """YAML 1.1 reads `3e-5` (no dot) as a string; DVC's YAML 1.2 and users mean the number."""
+    if isinstance(value, dict):
+        return {k: _exponents_as_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_exponents_as_numbers(v) for v in value]
+    if isinstance(value, str) and _EXPONENT_NUMBER.match(value):
+        return float(value)
+    return value
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -283,7 +294,7 @@ def apply_overrides(overrides: list[str], path: Path = PARAMS_FILE, *, dry_run: 
         raise GraftError(f"{path}: unknown parameter key(s) in override: {', '.join(unknown)}")
     buffer = io.StringIO()
     rt.dump(doc, buffer)
-    validate(yaml.safe_load(buffer.getvalue()), f"{path} with overrides {overrides}")
+    validate(_exponents_as_numbers(yaml.safe_load(buffer.getvalue())), f"{path} with overrides {overrides}")
     if not dry_run:
         atomic_write_text(path, buffer.getvalue())
     return applied

@@ -30,10 +30,11 @@ def resolve(ref: str, revision: str | None, *, commit: str | None = None,
     path = resolve_model_path(ref)
     if path is not None:
         return path, {"kind": "package" if ref.startswith(PACKAGE_PREFIX) else "local", "ref": ref}
-    return _download(ref, commit or revision, trust_remote_code=trust_remote_code)
+    return _download(ref, revision, commit=commit, trust_remote_code=trust_remote_code)
 
 
-def _download(repo_id: str, revision: str | None, *, trust_remote_code: bool) -> tuple[Path, dict]:
+def _download(repo_id: str, revision: str | None, *, commit: str | None = None,
+              trust_remote_code: bool) -> tuple[Path, dict]:
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import (
         HfHubHTTPError,
@@ -42,7 +43,8 @@ def _download(repo_id: str, revision: str | None, *, trust_remote_code: bool) ->
     )
 
     try:
-        commit = revision if revision and len(revision) == 40 else HfApi().model_info(repo_id, revision=revision).sha
+        # the commit pinned in models/source.yaml, so fetch downloads exactly what DVC recorded
+        commit = commit or HfApi().model_info(repo_id, revision=revision).sha
         path = snapshot_download(repo_id, revision=commit, allow_patterns=keep_patterns(trust_remote_code))
     except RepositoryNotFoundError:
         raise GraftError(f"model.ref={repo_id!r}: unknown model reference: no such model on the Hugging Face Hub") from None

@@ -113,3 +113,24 @@ def load_params(root: Path):
     from graft import config
 
     return config.load(root / "params.yaml")
+
+
+def run_fetch(root: Path, params=None) -> dict:
+    """The fetch stage's function on the workspace's layout (sources pinned for `params`)."""
+    from graft.layout import Layout
+    from graft.pins import write_sources
+    from tasks.fetch import fetch
+
+    params = params or load_params(root)
+    layout = Layout(root)
+    write_sources(params, layout)
+    return fetch(params, source_file=layout.model_source_file, out_dir=layout.pretrained_dir)
+
+
+def run_features(root: Path, params=None) -> dict:
+    from graft.layout import Layout
+    from tasks.features import features
+
+    layout = Layout(root)
+    return features(params or load_params(root), pretrained_dir=layout.pretrained_dir,
+                    prepared_dir=layout.prepared_dir, out_dir=layout.features_dir, report=layout.transferability)

@@ -69,7 +69,7 @@ def test_overrides_are_written_with_comments_kept(tmp_path: Path):
     assert applied == {"train.lr": 3e-5, "train.scratch.epochs": 2}
     params = config.load(path)
     assert params.train.lr == 3e-5 and params.train.scratch.epochs == 2
-    assert "# Embeddings and the lowest N encoder layers stay frozen." in path.read_text()
+    assert "# Each strategy trained is a candidate; the proposed model is the best on validation." in path.read_text()
     before, after = (REPO / "params.yaml").read_text().splitlines(), path.read_text().splitlines()
     assert len(before) == len(after)
     assert [(a, b) for a, b in zip(before, after, strict=True) if a != b] == [

@@ -7,12 +7,11 @@ from pathlib import Path
 import numpy as np
 
 from graft.files import read_json
+from graft.layout import Layout
 from graft.modeling import embed, length_sorted_batches, load_encoder, load_tokenizer
-from tasks.features import OUT_DIR, REPORT, features, logme
-from tasks.fetch import fetch
-from tasks.prepare import prepare
+from tasks.features import logme
 
-from .conftest import load_params
+from .conftest import run_features, run_fetch, run_prepare
 
 
 def test_length_sorted_batches_cover_every_index_once():
@@ -33,13 +32,15 @@ def test_logme_prefers_informative_features():
 
 
 def test_features_per_split_match_unbatched_embedding(workspace: Path, tiny_model_dir: Path):
-    params = load_params(workspace)
-    prepare(params)
-    fetch(params)
-    result = features(params)
+    run_prepare(workspace)
+    run_fetch(workspace)
+    result = run_features(workspace)
+    layout = Layout(workspace)
     assert result["rows"] == {"train": 18, "val": 12, "test": 18}
-    assert read_json(REPORT)["dims"] == 32
-    train = np.load(OUT_DIR / "train.npy")
+    report = read_json(layout.transferability)
+    assert report["dims"] == 32
+    assert "seconds" not in report and "device" not in report  # run facts stay out of a dependency
+    train = np.load(layout.features_file("train"))
     assert train.shape == (18, 32) and np.isfinite(train).all()
 
     import pandas as pd

@@ -9,14 +9,16 @@ import pytest
 
 from graft.errors import GraftError
 from graft.files import sha256_file
-from tasks import fetch as fetch_stage
-from tasks.fetch import OUT_DIR, fetch, resolve
+from graft.layout import Layout
+from tasks.fetch import resolve
 
-from .conftest import load_params
+from .conftest import load_params, run_fetch
+
+OUT_DIR = Layout().pretrained_dir  # relative: the workspace fixture is the current directory
 
 
 def test_local_folder_is_copied_with_a_manifest(workspace: Path, tiny_model_dir: Path):
-    manifest = fetch(load_params(workspace))
+    manifest = run_fetch(workspace)
     assert manifest["source"]["kind"] == "local"
     assert manifest["architecture"]["model_type"] == "bert"
     assert manifest["architecture"]["num_hidden_layers"] == 2
@@ -46,7 +48,7 @@ def test_pickle_only_weights_are_refused(workspace: Path, tiny_model_dir: Path, 
     params = load_params(workspace)
     params = params.model_copy(update={"model": params.model.model_copy(update={"ref": str(pickled)})})
     with pytest.raises(GraftError, match="never unpickles model files"):
-        fetch(params)
+        run_fetch(workspace, params)
     assert not OUT_DIR.exists()
 
 
@@ -57,7 +59,7 @@ def test_model_code_needs_trust_remote_code(workspace: Path, tiny_model_dir: Pat
     params = load_params(workspace)
     params = params.model_copy(update={"model": params.model.model_copy(update={"ref": str(coded)})})
     with pytest.raises(GraftError, match="trust_remote_code"):
-        fetch(params)
+        run_fetch(workspace, params)
 
 
 def test_hub_reference_pins_the_resolved_commit(workspace: Path, tiny_model_dir: Path, monkeypatch):
@@ -79,12 +81,12 @@ def test_hub_reference_pins_the_resolved_commit(workspace: Path, tiny_model_dir:
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
     params = load_params(workspace)
     params = params.model_copy(update={"model": params.model.model_copy(update={"ref": "acme/tiny-bert", "revision": "v1"})})
-    manifest = fetch(params)
+    manifest = run_fetch(workspace, params)
     assert calls["info"] == ("acme/tiny-bert", "v1")
     assert calls["snapshot"][1] == "0123abcd" * 5
     assert "*.py" not in calls["snapshot"][2]
     assert manifest["source"] == {"kind": "hub", "ref": "acme/tiny-bert", "revision": "v1", "commit": "0123abcd" * 5}
-    assert fetch_stage.OUT_DIR.exists()
+    assert OUT_DIR.exists()
 
 
 def test_unreachable_hub_is_one_clear_error(monkeypatch):

@@ -17,20 +17,16 @@ from graft.errors import GraftError
 from graft.files import read_json
 from graft.layout import Layout
 from graft.modeling import load_classifier, load_tokenizer, predict_proba
-from tasks.features import features
-from tasks.fetch import fetch
-from tasks.prepare import prepare
 from tasks.train import train
 
-from .conftest import load_params
+from .conftest import load_params, run_features, run_fetch, run_prepare
 
 
 @pytest.fixture
 def prepared(workspace: Path) -> Path:
-    params = load_params(workspace)
-    prepare(params)
-    fetch(params)
-    features(params)
+    run_prepare(workspace)
+    run_fetch(workspace)
+    run_features(workspace)
     return workspace
 
 
