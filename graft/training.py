@@ -349,6 +349,12 @@ def fit(
     per-epoch throughput (for reports/train.json and MLflow step metrics)."""
     s = settings
     rank, world = dist_env()
+    if device.type == "cpu":
+        # Denormal floats (below ~1e-38) appear in the gradients and Adam's state after a few
+        # hundred steps and make every CPU op on them several times slower (measured: the second
+        # epoch of the default fine-tune ran at 4.7 samples/s instead of 22). Flushing them to
+        # zero changes nothing a float32 model can represent meaningfully.
+        torch.set_flush_denormal(True)
     model.to(device)
     started = time.perf_counter()
     train_ids, val_ids = tokenize(tokenizer, train_texts, s.max_length), tokenize(tokenizer, val_texts, s.max_length)
