@@ -9,7 +9,7 @@ import io
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -79,10 +79,19 @@ class GateParams(_Section):
     require_positive_transfer: bool = Field(True, description="Refuse models that lose to a baseline.")
 
 
+class PromotionParams(_Section):
+    min_gain: float = Field(0.0, ge=0, le=1, description=(
+        "The new version becomes `champion` only if its test accuracy exceeds the champion's by more "
+        "than this (both predicted in the same run, on the same test split)."))
+    verdicts: list[Literal["positive", "no_gain", "negative"]] = Field(["positive"], description=(
+        "Transfer verdicts (reports/transfer.json) a version may have to become champion."))
+
+
 class RegisterParams(_Section):
     model_name: str = Field("graft-classifier", min_length=1, description="Registered model name.")
     experiment: str = Field("graft", min_length=1, description="MLflow experiment of pipeline runs.")
-    alias: str = Field("challenger", min_length=1, description="Alias set on the new version.")
+    alias: str = Field("challenger", min_length=1, description="Alias set on every version that passes the gate.")
+    promotion: PromotionParams = PromotionParams()
 
 
 # `register` (the stage's section) shadows ABCMeta.register on the class, not on instances.
