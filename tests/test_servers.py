@@ -33,6 +33,7 @@ class Stack:
     def __init__(self, root: Path, prefect_url: str, mlflow_url: str, env: dict[str, str]) -> None:
         self.root, self.prefect_url, self.mlflow_url, self.env = root, prefect_url, mlflow_url, env
         self.committed_params = (root / "params.yaml").read_text()
+        self.ui_run_finished = None
 
     def client(self):
         from prefect.client.orchestration import SyncPrefectClient
@@ -121,6 +122,7 @@ def test_ui_run_with_overrides_registers_in_the_mlflow_server_and_leaves_params_
         triggered = client.create_flow_run_from_deployment(deployment, parameters={"params": {"gate": {"min_accuracy": 0}}})
     run = stack.wait_flow_run(triggered.id)
     assert run.state.is_completed(), run.state
+    stack.ui_run_finished = run.end_time
     assert (stack.root / "params.yaml").read_text() == stack.committed_params
 
     logged = stack.mlflow_run_of(triggered.id)
@@ -142,27 +144,37 @@ def test_a_scheduled_run_fires_by_itself_and_uses_the_committed_params(stack: St
     )
     from prefect.client.schemas.objects import StateType
 
-    deadline = time.monotonic() + 600
-    with stack.client() as client:
-        while True:
-            done = [r for r in client.read_flow_runs(
+    def finished_scheduled_runs() -> list:
+        with stack.client() as client:
+            return [r for r in client.read_flow_runs(
                 deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment])),
                 flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
                     any_=[StateType.COMPLETED, StateType.FAILED, StateType.CRASHED]))))
                 if r.auto_scheduled]
-            if done or time.monotonic() > deadline:
-                break
-            time.sleep(3)
+
+    # a run nobody triggered that started after the UI run with gate.min_accuracy=0 had finished
+    deadline = time.monotonic() + 600
+    while True:
+        done = [r for r in finished_scheduled_runs()
+                if stack.ui_run_finished is None or r.start_time > stack.ui_run_finished]
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(3)
     assert done, "no scheduled flow run finished within 10 minutes"
     scheduled = min(done, key=lambda r: r.expected_start_time)
     assert scheduled.state.is_completed(), scheduled.state
     assert scheduled.parameters.get("params") is None  # nobody filled in the form
+    # the UI run's override did not leak: the workspace's gate used the committed threshold
+    gate = json.loads((stack.root / "reports/gate.json").read_text())
+    assert {c["name"]: c["threshold"] for c in gate["checks"]}["min_accuracy"] == COMMITTED_MIN_ACCURACY
+    assert gate["passed"] is False
+    assert (stack.root / "params.yaml").read_text() == stack.committed_params
 
-    logged = stack.mlflow_run_of(scheduled.id)
-    # the UI run's override (gate.min_accuracy=0) did not leak into the scheduled run
+    # the first scheduled run to reach register logged the committed value to the MLflow server
+    first = min(finished_scheduled_runs(), key=lambda r: r.expected_start_time)
+    logged = stack.mlflow_run_of(first.id)
     assert logged.data.params["gate.min_accuracy"] == str(COMMITTED_MIN_ACCURACY)
     assert logged.data.tags["gate_passed"] == "False"
-    assert (stack.root / "params.yaml").read_text() == stack.committed_params
 
 
 def test_the_served_champion_answers_with_labels_and_probabilities(stack: Stack, tmp_path: Path):
