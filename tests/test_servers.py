@@ -143,13 +143,15 @@ def test_a_scheduled_run_fires_by_itself_and_uses_the_committed_params(stack: St
         FlowRunFilterStateType,
     )
     from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
 
     def finished_scheduled_runs() -> list:
         with stack.client() as client:
             return [r for r in client.read_flow_runs(
                 deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment])),
                 flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
-                    any_=[StateType.COMPLETED, StateType.FAILED, StateType.CRASHED]))))
+                    any_=[StateType.COMPLETED, StateType.FAILED, StateType.CRASHED]))),
+                sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=200)
                 if r.auto_scheduled]
 
     # a run nobody triggered that started after the UI run with gate.min_accuracy=0 had finished
