@@ -1,5 +1,10 @@
 """The Prefect flow: the six stages, run through DVC so that Prefect and `dvc repro` agree on what
-is stale. A stage DVC finds up to date finishes in the state `Skipped`."""
+is stale. A stage DVC finds up to date finishes in the state `Skipped`.
+
+A run with overrides (CLI `-S`, a deployment's or the UI's parameters) is a DVC experiment
+(`dvc exp run --temp`): it runs in a temporary copy, so the committed `params.yaml` that later
+runs read never changes, and `dvc exp show` lists it. One run holds the workspace at a time.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +18,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.states import Completed, State
+from prefect.tasks import exponential_backoff
 
-from graft import config
+from graft import config, runs
 from graft.errors import ERROR_PREFIX, GraftError
 from graft.layout import Layout
 from graft.pins import write_sources
@@ -23,11 +29,17 @@ STAGES = ("prepare", "fetch", "features", "train", "evaluate", "register")
 
 
 class StageFailed(GraftError):
-    """A DVC stage exited non-zero; `user_error` when the stage reported bad input (exit 2)."""
+    """A DVC command failed: `kind` says whether the input was bad, the failure may pass on its
+    own (retried, exit 75), or it is internal."""
 
-    def __init__(self, message: str, *, user_error: bool) -> None:
+    def __init__(self, message: str, *, kind: runs.FailureKind) -> None:
         super().__init__(message)
-        self.user_error = user_error
+        self.kind = kind
+        self.exit_code = runs.EXIT_CODES[kind]
+
+    @property
+    def user_error(self) -> bool:
+        return self.kind == "input"
 
 
 def stage_is_stale(stage: str, root: Path) -> bool:
@@ -35,42 +47,68 @@ def stage_is_stale(stage: str, root: Path) -> bool:
     proc = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", stage], cwd=root, env=_subprocess_env(),
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        raise StageFailed(f"dvc status {stage}: {proc.stderr.strip() or proc.stdout.strip()}", user_error=False)
+        output = proc.stderr.strip() or proc.stdout.strip()
+        raise StageFailed(f"dvc status {stage}: {output}", kind=runs.failure_kind(proc.returncode, output, reported=False))
     return bool(json.loads(proc.stdout or "{}"))
 
 
-def _subprocess_env() -> dict[str, str]:
+def _subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     # dvc.yaml runs `python -m tasks.X`: make `python` the interpreter graft runs in.
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("PYTHONUNBUFFERED", "1")
+    run_id = _flow_run_id()
+    if run_id:
+        env["GRAFT_FLOW_RUN_ID"] = run_id  # lineage tag of the registered version
+    env.update(extra or {})
     return env
 
 
-def run_dvc(args: list[str], root: Path, what: str) -> None:
-    """Run a DVC command, streaming its stderr (progress bars) and keeping it for the error."""
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=_subprocess_env(),
-                            stderr=subprocess.PIPE)
+def _flow_run_id() -> str | None:
+    from prefect.runtime import flow_run
+
+    return flow_run.get_id()
+
+
+def run_dvc(args: list[str], root: Path, what: str, env: dict[str, str] | None = None) -> str:
+    """Run a DVC command, streaming its output (progress bars) and keeping it for the error.
+
+    A stage's own `graft: error:` line is held back here and raised once, with the stage's
+    name, so the user reads it once. A killed graft takes its DVC child down with it."""
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=_subprocess_env(env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     captured = bytearray()
-    assert proc.stderr is not None
-    while chunk := proc.stderr.read1(4096):
-        sys.stderr.buffer.write(chunk)
-        sys.stderr.buffer.flush()
-        captured += chunk
-    if proc.wait() == 0:
-        return
+    assert proc.stdout is not None
+    try:
+        for line in iter(proc.stdout.readline, b""):
+            captured += line
+            if not line.startswith(ERROR_PREFIX.encode()):
+                sys.stderr.buffer.write(line)
+                sys.stderr.buffer.flush()
+        returncode = proc.wait()
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
     text = captured.decode("utf-8", "replace")
+    if returncode == 0:
+        return text
     reported = [line[len(ERROR_PREFIX):] for line in text.splitlines() if line.startswith(ERROR_PREFIX)]
+    kind = runs.failure_kind(returncode, text, reported=bool(reported))
     if reported:
-        raise StageFailed(f"{what}: {reported[-1]}", user_error=True)
-    tail = [line for line in text.splitlines() if line.strip()][-1:] or ["no output"]
-    raise StageFailed(f"{what} failed (exit {proc.returncode}): {tail[0].strip()}", user_error=False)
+        raise StageFailed(f"{what}: {reported[-1]}", kind=kind)
+    lines = [line for line in text.splitlines() if line.strip()]
+    tail = [line for line in lines if line.startswith("ERROR")][-1:] or lines[-1:] or ["no output"]
+    raise StageFailed(f"{what} failed (exit {returncode}): {tail[0].strip()}", kind=kind)
 
 
-def _retry_unless_bad_input(task_obj, task_run, state) -> bool:
-    """Retry I/O failures (a flaky hub), never a reported input problem."""
+def _retry_transient(task_obj, task_run, state) -> bool:
+    """Retry what may pass on its own (a flaky hub, a busy lock), never bad input or a bug."""
     error = state.result(raise_on_failure=False)
-    return not (isinstance(error, StageFailed) and error.user_error)
+    return isinstance(error, StageFailed) and error.kind == "transient"
 
 
 def restore_outputs(stage: str, root: Path) -> None:
@@ -80,7 +118,20 @@ def restore_outputs(stage: str, root: Path) -> None:
                    env=_subprocess_env(), capture_output=True, text=True)
 
 
-@task(task_run_name="{stage}", retries=0)
+def repro_stage(stage: str, root: Path) -> None:
+    """`dvc repro` one stage; when it fails, its previous outputs are put back."""
+    try:
+        run_dvc(["repro", "--single-item", stage], root, f"stage {stage!r}")
+    except StageFailed:
+        restore_outputs(stage, root)
+        raise
+
+
+RETRIES = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=5),
+           "retry_jitter_factor": 0.5, "retry_condition_fn": _retry_transient}
+
+
+@task(task_run_name="{stage}", **RETRIES)
 def dvc_stage(stage: str, root: str) -> Any:
     """Run one dvc.yaml stage if DVC finds it stale; otherwise finish as `Skipped`."""
     logger = get_run_logger()
@@ -89,17 +140,29 @@ def dvc_stage(stage: str, root: str) -> Any:
         logger.info("%s: up to date in dvc.lock, skipped", stage)
         return Completed(name="Skipped", message="up to date", data={"stage": stage, "status": "skipped",
                                                                     "seconds": round(time.perf_counter() - started, 2)})
-    try:
-        run_dvc(["repro", "--single-item", stage], Path(root), f"stage {stage!r}")
-    except StageFailed:
-        restore_outputs(stage, Path(root))
-        raise
+    repro_stage(stage, Path(root))
     seconds = round(time.perf_counter() - started, 2)
     logger.info("%s: ran in %.1fs", stage, seconds)
     return {"stage": stage, "status": "ran", "seconds": seconds}
 
 
-@task(retries=2, retry_delay_seconds=5)
+@task(task_run_name="experiment", **RETRIES)
+def dvc_experiment(overrides: dict[str, Any], root: str) -> list[dict]:
+    """The whole pipeline as one DVC experiment with these overrides, in a temporary copy."""
+    logger = get_run_logger()
+    name = runs.experiment_name(_flow_run_id())
+    args = ["exp", "run", "--temp", "--name", name]
+    for key, value in overrides.items():
+        args += ["-S", f"{key}={json.dumps(value)}"]
+    started = time.perf_counter()
+    output = run_dvc(args, Path(root), f"experiment {name!r}", env=runs.experiment_env(Path(root), _flow_run_id()))
+    logger.info("experiment %s: ran in %.1fs; `dvc exp show` lists it, `dvc exp apply %s` restores it",
+                name, time.perf_counter() - started, name)
+    rows = runs.stage_rows(output, STAGES)
+    return [{**row, "experiment": name} for row in rows]
+
+
+@task(**{**RETRIES, "retries": 2})
 def dvc_push(root: str) -> dict:
     """Push every cached output to the default DVC remote."""
     started = time.perf_counter()
@@ -107,29 +170,43 @@ def dvc_push(root: str) -> dict:
     return {"stage": "push", "status": "ran", "seconds": round(time.perf_counter() - started, 2)}
 
 
+def _crashed(flow_run_id: str) -> None:
+    """The previous holder of the workspace was killed: its flow run must not stay `Running`."""
+    if runs.mark_crashed(flow_run_id):
+        get_run_logger().warning("flow run %s was killed mid-run: marked Crashed", flow_run_id)
+
+
 @flow(name="graft-pipeline")
-def pipeline(overrides: list[str] | None = None, root: str = ".", push: bool = True) -> list[dict]:
+def pipeline(params: runs.ParamOverrides | None = None, overrides: list[str] | None = None,  # type: ignore[valid-type]
+             root: str = ".", push: bool = True, write_params: bool = False) -> list[dict]:
     """prepare → fetch → features → train → evaluate → register, each through DVC.
 
-    `overrides` are `KEY=VALUE` strings (as `graft run -S`): written into params.yaml after
-    validation, so DVC sees them and the run is reproducible from git.
+    `params` (the UI's form) and `overrides` (`KEY=VALUE`, as `graft run -S`) change params for
+    this run only: the run is a DVC experiment and params.yaml stays as committed, unless
+    `write_params` asks for the old behaviour (overrides written into params.yaml).
     """
     logger = get_run_logger()
-    params_file = Path(root) / config.PARAMS_FILE
-    applied = config.apply_overrides(list(overrides or []), params_file)
-    if applied:
-        logger.info("params.yaml overrides applied: %s", applied)
-    params = config.load(params_file)
-    changed = write_sources(params, Layout(Path(root)))
+    workspace = Path(root)
+    params_file = workspace / config.PARAMS_FILE
+    texts = [*runs.override_strings(params), *(overrides or [])]
+    applied = config.apply_overrides(texts, params_file, dry_run=True)  # one clear error before any work
+    changed = write_sources(config.load(params_file), Layout(workspace))
     if changed:
         logger.info("resolved sources written: %s", ", ".join(changed))
-    summary = []
-    for stage in STAGES:
-        options = {"retries": 2, "retry_delay_seconds": 5, "retry_condition_fn": _retry_unless_bad_input}
-        stage_task = dvc_stage.with_options(**options) if stage == "fetch" else dvc_stage
-        outcome = stage_task(stage, root)
-        # a skipped stage returns its `Skipped` state; the summary wants the row it carries
-        summary.append(outcome.result() if isinstance(outcome, State) else outcome)
-    if push:
-        summary.append(dvc_push(root))
+    if applied and not write_params:
+        runs.require_git_commit(workspace)
+    with runs.workspace_lock(workspace, flow_run_id=_flow_run_id(), on_wait=logger.warning, on_stale=_crashed):
+        if applied and not write_params:
+            logger.info("overrides for this run only (a DVC experiment): %s", applied)
+            return dvc_experiment(applied, root)
+        if applied:
+            config.apply_overrides(texts, params_file)
+            logger.info("params.yaml overrides written (--write-params): %s", applied)
+        summary = []
+        for stage in STAGES:
+            outcome = dvc_stage(stage, root)
+            # a skipped stage returns its `Skipped` state; the summary wants the row it carries
+            summary.append(outcome.result() if isinstance(outcome, State) else outcome)
+        if push:
+            summary.append(dvc_push(root))
     return summary

@@ -1,10 +1,14 @@
 """`graft`: the user's entry point.
 
-  graft run [-S KEY=VALUE ...] [--no-push]   the whole pipeline (Prefect flow over DVC stages)
+  graft run [-S KEY=VALUE ...] [--no-push]   the whole pipeline (Prefect flow over DVC stages);
+                                             with -S, a DVC experiment: params.yaml is not changed
   graft stage NAME                           one stage, through DVC
-  graft serve [--cron EXPR]                  a Prefect deployment: cron schedule + UI-triggered runs
+  graft serve [--cron EXPR]                  a Prefect deployment: cron schedule + UI-triggered runs;
+                                             starts a local Prefect server unless PREFECT_API_URL is set
   graft data [--json]                        the data version, and what changed since the last commit
   graft sources                              pin data.source and model.ref for DVC (graft run does it)
+
+Exit codes: 0 done, 2 bad input (fix it), 75 transient failure (retry unchanged), 1 internal failure.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from graft.errors import ERROR_PREFIX, GraftError
+from graft.errors import ERROR_PREFIX, EXIT_INTERNAL, GraftError
 
 STAGE_NAMES = ("prepare", "fetch", "features", "train", "evaluate", "register")
 
@@ -26,13 +30,17 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the whole pipeline; DVC skips what is up to date")
     run.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a params.yaml key (written to params.yaml, like dvc exp run -S)")
+                     help="override a params.yaml key for this run only (a DVC experiment, like dvc exp run -S)")
+    run.add_argument("--write-params", action="store_true",
+                     help="write the -S overrides into params.yaml and run in the workspace instead")
     run.add_argument("--no-push", action="store_true", help="do not push outputs to the DVC remote")
     stage = sub.add_parser("stage", help="run one stage through DVC")
     stage.add_argument("name", choices=STAGE_NAMES)
     serve = sub.add_parser("serve", help="serve a Prefect deployment (schedule + UI-triggered runs)")
     serve.add_argument("--cron", default="0 3 * * *", help="cron schedule (default: daily at 03:00)")
     serve.add_argument("--name", default="graft-scheduled", help="deployment name")
+    serve.add_argument("--port", type=int, default=None,
+                       help="port of the local Prefect server (default 4200, or a free one)")
     data = sub.add_parser("data", help="print the data version and what changed against the last committed dvc.lock")
     data.add_argument("--rev", default="HEAD", help="git revision to compare with (default: HEAD)")
     data.add_argument("--json", action="store_true", help="print JSON")
@@ -47,9 +55,14 @@ def _print_summary(summary: list[dict], total: float) -> None:
     print(f"{'total':<21} {total:>7.1f}")
 
 
-def _report_outcome() -> None:
+def _report_outcome(summary: list[dict]) -> None:
     from graft.files import read_json
 
+    experiment = next((row["experiment"] for row in summary if row.get("experiment")), None)
+    if experiment:
+        print(f"\nexperiment {experiment}: params.yaml unchanged; `dvc exp show` lists it, "
+              f"`dvc exp apply {experiment}` brings its results into the workspace")
+        return
     for name in ("reports/transfer.json", "reports/gate.json", "reports/registration.json"):
         if not Path(name).exists():
             return
@@ -60,8 +73,27 @@ def _report_outcome() -> None:
           f"negative_transfer={transfer['negative_transfer']}; gate passed={gate['passed']}")
     if reg.get("registered"):
         print(f"registered {reg['model_name']} version {reg['version']} as @{', @'.join(reg['aliases'])}")
+        if reg.get("promotion"):
+            print(f"promotion: {reg['promotion']['reason']}")
     else:
         print(f"not registered: {reg.get('reason')}")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    """Serve the deployment against PREFECT_API_URL, or a local Prefect server started here:
+    Prefect's ephemeral API has no scheduler, so a schedule would never fire on it."""
+    import contextlib
+
+    from graft import servers
+
+    with contextlib.ExitStack() as stack:
+        if not os.environ.get("PREFECT_API_URL"):
+            url = stack.enter_context(servers.prefect_server(args.port))
+            os.environ["PREFECT_API_URL"] = url  # before Prefect is imported: the served runs inherit it
+            print(f"graft: started a local Prefect server; UI at {url.removesuffix('/api')}", flush=True)
+        from flows.pipeline import pipeline
+
+        pipeline.serve(name=args.name, cron=args.cron, parameters={"root": str(Path.cwd())})
 
 
 class _NoTracebackForGraftErrors(logging.Filter):
@@ -92,9 +124,10 @@ def main(argv: list[str] | None = None) -> int:
                 logging.getLogger(name).addFilter(_NoTracebackForGraftErrors())
 
             started = time.perf_counter()
-            summary = pipeline(overrides=args.overrides, root=".", push=not args.no_push)
+            summary = pipeline(overrides=args.overrides, root=".", push=not args.no_push,
+                               write_params=args.write_params)
             _print_summary(summary, time.perf_counter() - started)
-            _report_outcome()
+            _report_outcome(summary)
         elif args.command == "data":
             import json
 
@@ -110,22 +143,26 @@ def main(argv: list[str] | None = None) -> int:
             changed = write_sources(config.load(), Layout(Path(".")))
             print("sources: " + (", ".join(changed) + " updated" if changed else "up to date"))
         elif args.command == "stage":
-            from flows.pipeline import run_dvc
+            from flows.pipeline import repro_stage
             from graft.layout import Layout
             from graft.pins import write_sources
 
             write_sources(config.load(), Layout(Path(".")))
-            run_dvc(["repro", "--single-item", args.name], Path("."), f"stage {args.name!r}")
+            repro_stage(args.name, Path("."))
         elif args.command == "serve":
-            from flows.pipeline import pipeline
-
-            pipeline.serve(name=args.name, cron=args.cron, parameters={"overrides": [], "root": str(Path.cwd())})
+            _serve(args)
     except GraftError as err:
         sys.stderr.write(f"{ERROR_PREFIX}{err}\n")
-        return 2
+        return err.exit_code
     except KeyboardInterrupt:
         sys.stderr.write(f"{ERROR_PREFIX}interrupted\n")
         return 130
+    except Exception as err:  # a bug: the traceback helps a report, the last line says what
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.write(f"{ERROR_PREFIX}internal error: {type(err).__name__}: {err}\n")
+        return EXIT_INTERNAL
     return 0
 
 

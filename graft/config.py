@@ -174,10 +174,19 @@ class GateParams(_Section):
     max_robustness_flip_rate: float = Field(0.10, ge=0, le=1, description="Largest flip rate of any perturbation.")
 
 
+class PromotionParams(_Section):
+    min_gain: float = Field(0.0, ge=0, le=1, description=(
+        "The new version becomes `champion` only if its test accuracy exceeds the champion's by more "
+        "than this (both predicted in the same run, on the same test split)."))
+    verdicts: list[Literal["positive", "no_gain", "negative"]] = Field(["positive"], description=(
+        "Transfer verdicts (reports/transfer.json) a version may have to become champion."))
+
+
 class RegisterParams(_Section):
     model_name: str = Field("graft-classifier", min_length=1, description="Registered model name.")
     experiment: str = Field("graft", min_length=1, description="MLflow experiment of pipeline runs.")
-    alias: str = Field("challenger", min_length=1, description="Alias set on the new version.")
+    alias: str = Field("challenger", min_length=1, description="Alias set on every version that passes the gate.")
+    promotion: PromotionParams = PromotionParams()
 
 
 # `register` (the stage's section) shadows ABCMeta.register on the class, not on instances.

@@ -7,6 +7,7 @@ from graft.layout import Layout
 from graft.modeling_refs import hub_model_commit, resolve_model_path
 from graft.sources import (
     HUB_DATASET_PREFIX,
+    PACKAGE_PREFIX,
     describe_source,
     hub_dataset_commit,
     resolve_local,
@@ -31,13 +32,13 @@ def write_sources(params: config.Params, layout: Layout) -> list[str]:
         data_entry = {"data_source": describe_source(layout.data_source_file, root),
                       "data_source_commit": hub_dataset_commit(data.source, data.revision)}
     else:
-        data_entry = {"data_source": describe_source(resolve_local(data.source), root), "data_source_commit": None}
+        data_entry = {"data_source": _where(data.source, resolve_local(data.source), root), "data_source_commit": None}
     model_path = resolve_model_path(model.ref)
     if model_path is None:
         model_entry = {"model_source": describe_source(layout.model_source_file, root),
                        "model_source_commit": hub_model_commit(model.ref, model.revision)}
     else:
-        model_entry = {"model_source": describe_source(model_path, root), "model_source_commit": None}
+        model_entry = {"model_source": _where(model.ref, model_path, root), "model_source_commit": None}
     changed = []
     if write_source_file(layout.data_source_file,
                          {**data_entry, "data_source_ref": data.source, "data_source_revision": data.revision},
@@ -48,3 +49,11 @@ def write_sources(params: config.Params, layout: Layout) -> list[str]:
                          _SOURCE_COMMENT.format(stage="fetch", what="backbone")):
         changed.append(str(layout.model_source_file))
     return changed
+
+
+def _where(ref: str, path, root) -> str:
+    """An installed package's folder by absolute path (an experiment's temporary copy of the
+    repository has no .venv); a user's path relative to the repository when inside it."""
+    if ref.startswith(PACKAGE_PREFIX):
+        return str(path.resolve())
+    return describe_source(path, root)

@@ -7,7 +7,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from graft import config
-from graft.errors import GraftError, exits_cleanly
+from graft.errors import GraftError, TransientError, exits_cleanly
 from graft.files import atomic_path, sha256_file, write_json
 from graft.layout import Layout
 from graft.modeling_refs import resolve_model_path
@@ -48,10 +48,15 @@ def _download(repo_id: str, revision: str | None, *, commit: str | None = None,
         path = snapshot_download(repo_id, revision=commit, allow_patterns=keep_patterns(trust_remote_code))
     except RepositoryNotFoundError:
         raise GraftError(f"model.ref={repo_id!r}: unknown model reference: no such model on the Hugging Face Hub") from None
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
-        raise GraftError(f"model.ref={repo_id!r}: cannot download from the Hugging Face Hub: {err}") from None
+    except HfHubHTTPError as err:
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        # 429 and 5xx pass on their own (the flow retries them); other statuses need the user
+        error = TransientError if status is None or status == 429 or status >= 500 else GraftError
+        raise error(f"model.ref={repo_id!r}: cannot download from the Hugging Face Hub: {err}") from None
+    except (LocalEntryNotFoundError, OSError) as err:
+        raise TransientError(f"model.ref={repo_id!r}: cannot download from the Hugging Face Hub: {err}") from None
     except Exception as err:  # the hub's HTTP stack raises its own connection errors
-        raise GraftError(
+        raise TransientError(
             f"model.ref={repo_id!r}: cannot reach the Hugging Face Hub ({type(err).__name__}: {err}); "
             "use a local folder or an installed package offline"
         ) from None

@@ -1,141 +1,137 @@
-"""register: record the pipeline run in MLflow and, when the gate passed, register a new model
-version with the alias `challenger` (aliases, never the deprecated stages)."""
+"""register: record the pipeline run in MLflow; when the gate passed, register a version with
+the alias `challenger` and promote it to `champion` if it beats the champion on this run's
+test split (aliases, never the deprecated stages)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
+import tempfile
 from pathlib import Path
 
 import pandas as pd
 
-from graft import config
+from graft import config, registry
 from graft.errors import GraftError, exits_cleanly
-from graft.files import read_json, write_json
-from graft.layout import Layout
+from graft.files import atomic_write_text, read_json, write_json
+from graft.layout import SPLITS, Layout, require
 
-_LAYOUT = Layout()
-PRETRAINED_DIR = _LAYOUT.pretrained_dir
-PREPARED_DIR = _LAYOUT.prepared_dir
-FINETUNED_DIR = _LAYOUT.finetuned_dir
-BASELINES_DIR = _LAYOUT.baselines_dir
-
-
-def load_split(name: str, prepared_dir: Path = PREPARED_DIR) -> pd.DataFrame:
-    return pd.read_parquet(prepared_dir / f"{name}.parquet")
+# train.json holds run facts (seconds, throughput): the flow logs it to the run afterwards, so
+# that register does not depend on it and a re-train with nothing changed registers nothing new
+LOGGED_REPORTS = ("metrics.json", "transfer.json", "gate.json", "transferability.json",
+                  "bias.json", "robustness.json", "report.html", "datacard.md")
 
 
-REPORTS = Path("reports")
-OUT = REPORTS / "registration.json"
-DEFAULT_TRACKING_DB = Path("mlruns.db")
-DEFAULT_ARTIFACTS = Path("mlartifacts")
-LOGGED_REPORTS = ("metrics.json", "transfer.json", "gate.json", "train.json", "transferability.json")
+def proposed_model_dir(layout: Layout) -> Path:
+    """The folder of the candidate train proposed on validation (models/finetuned/candidates.json)."""
+    require(layout.candidates, root=layout.root)
+    manifest = read_json(layout.candidates)
+    return Path(layout.root) / manifest["candidates"][manifest["proposed"]]["path"]
 
 
-def tracking_uri() -> str:
-    """`MLFLOW_TRACKING_URI` when set (a server at scale), else a SQLite file in the repository."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_TRACKING_DB.resolve()}"
-
-
-def flat_params(params: config.Params) -> dict[str, str]:
-    flat: dict[str, str] = {}
-
-    def walk(prefix: str, value: object) -> None:
-        if isinstance(value, dict):
-            for key, inner in value.items():
-                walk(f"{prefix}.{key}" if prefix else key, inner)
-        else:
-            flat[prefix] = str(value)
-
-    walk("", params.model_dump())
-    return flat
-
-
-def serving_requirements() -> list[str]:
-    """Pinned versions of what serving the model needs (MLflow's guess would add torchvision)."""
-    from importlib.metadata import version
-
-    return [f"{name}=={version(name).split('+')[0]}" for name in ("torch", "transformers", "tokenizers", "safetensors")]
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return out.stdout.strip()
-
-
-def register(params: config.Params, uri: str | None = None) -> dict:
-    """Log params, metrics, data digest and reports; register the model if the gate passed."""
+def register(params: config.Params, layout: Layout | None = None, uri: str | None = None) -> dict:
+    """Log params, metrics, data digest and reports; register and promote if the gate passed."""
     import mlflow
     from mlflow import MlflowClient
 
-    uri = uri or tracking_uri()
+    layout = layout or Layout()
+    require(layout.metrics, layout.transfer, layout.gate, layout.datacard, layout.manifest, root=layout.root)
+    uri = uri or registry.tracking_uri(layout.root)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     r = params.register
-    if mlflow.get_experiment_by_name(r.experiment) is None:
-        artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else DEFAULT_ARTIFACTS.resolve().as_uri()
-        mlflow.create_experiment(r.experiment, artifact_location=artifacts)
+    with registry.registry_lock(uri):  # SQLite allows one writer; aliases move one run at a time
+        if mlflow.get_experiment_by_name(r.experiment) is None:
+            mlflow.create_experiment(r.experiment, artifact_location=registry.artifact_location(uri))
     mlflow.set_experiment(r.experiment)
 
-    metrics, transfer, gate = (read_json(REPORTS / name) for name in ("metrics.json", "transfer.json", "gate.json"))
-    card = read_json(PREPARED_DIR / "datacard.json")
-    manifest = read_json(PRETRAINED_DIR / "manifest.json")
+    metrics, transfer, gate = (read_json(p) for p in (layout.metrics, layout.transfer, layout.gate))
+    bias = read_json(layout.bias) if layout.bias.exists() else None
+    card = read_json(layout.datacard)
+    manifest = read_json(layout.manifest)
+    tags = registry.lineage(datacard=card, manifest=manifest, dvc_lock=Path(layout.root) / "dvc.lock")
+    failed = [c for c in gate["checks"] if not c["passed"]]
     with mlflow.start_run() as run:
-        mlflow.log_params(flat_params(params))
+        mlflow.log_params(registry.flat_params(params))
         for split in ("test", "val"):
             mlflow.log_metrics({f"{split}_{k}": v for k, v in metrics[split].items() if isinstance(v, float)})
         for name, cand in transfer["candidates"].items():
             mlflow.log_metrics({f"test_accuracy_{name}": cand["test"]["accuracy"],
                                 f"test_macro_f1_{name}": cand["test"]["macro_f1"]})
         mlflow.log_metric("transfer_margin", transfer["margin"])
-        mlflow.set_tags({"negative_transfer": str(transfer["negative_transfer"]), "gate_passed": str(gate["passed"]),
-                         "dataset_fingerprint": card["fingerprint"], "data_source": card["source"], "backbone": manifest["source"]["ref"],
-                         "git_commit": git_commit() or "unknown"})
-        for split in ("train", "val", "test"):
-            path = PREPARED_DIR / f"{split}.parquet"
+        mlflow.set_tags({**tags, "dataset_fingerprint": card["fingerprint"], "transfer_verdict": registry.verdict_of(transfer),
+                         "negative_transfer": str(transfer.get("negative_transfer")), "gate_passed": str(gate["passed"]),
+                         "gate_failed_checks": ", ".join(c["name"] for c in failed) or "none",
+                         "backbone": manifest["source"]["ref"]})
+        for split in SPLITS:
+            path = layout.split_file(split)
             frame = pd.read_parquet(path, columns=["id", "label"])
             dataset = mlflow.data.from_pandas(frame, source=str(path.resolve()), targets="label", name=split,
                                               digest=card["splits"][split]["fingerprint"][:20])
             mlflow.log_input(dataset, context=split)
         for name in LOGGED_REPORTS:
-            if (REPORTS / name).exists():
-                mlflow.log_artifact(str(REPORTS / name), artifact_path="reports")
-        if (REPORTS / "plots").exists():
-            mlflow.log_artifacts(str(REPORTS / "plots"), artifact_path="reports/plots")
+            if (layout.reports_dir / name).exists():
+                mlflow.log_artifact(str(layout.reports_dir / name), artifact_path="reports")
+        if layout.plots_dir.exists():
+            mlflow.log_artifacts(str(layout.plots_dir), artifact_path="reports/plots")
 
         result = {"run_id": run.info.run_id, "experiment": r.experiment, "tracking_uri": uri,
-                  "model_name": r.model_name, "registered": False, "version": None, "aliases": []}
+                  "model_name": r.model_name, "registered": False, "version": None, "aliases": [],
+                  "lineage": tags, "gate_passed": bool(gate["passed"])}
         if not gate["passed"]:
-            failed = [c["name"] for c in gate["checks"] if not c["passed"]]
-            result["reason"] = f"gate failed: {', '.join(failed)}"
+            result["failed_checks"] = failed
+            result["reason"] = "gate failed: " + "; ".join(
+                f"{c['name']} = {c['value']} (threshold {c['threshold']})" for c in failed)
             return result
-        from graft.modeling import load_classifier, load_tokenizer
 
-        components = {"model": load_classifier(FINETUNED_DIR), "tokenizer": load_tokenizer(FINETUNED_DIR)}
-        try:
-            info = mlflow.transformers.log_model(
-                transformers_model=components, task="text-classification", name="model",
-                registered_model_name=r.model_name, await_registration_for=60, pip_requirements=serving_requirements(),
-            )
-        except Exception as err:  # MLflow raises many types; the user needs the message
-            raise GraftError(f"{FINETUNED_DIR}: MLflow could not log or register the model: {err}") from None
-        version = str(info.registered_model_version)
+        model_dir = proposed_model_dir(layout)
+        require(model_dir, root=layout.root)
+        card_text = registry.model_card(name=r.model_name, manifest=manifest, datacard=card, metrics=metrics,
+                                        transfer=transfer, gate=gate, bias=bias, lineage_tags=tags)
+        test = pd.read_parquet(layout.split_file("test"), columns=["text", "label"])
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        client.set_registered_model_alias(r.model_name, r.alias, version)
-        client.set_model_version_tag(r.model_name, version, "dataset_fingerprint", card["fingerprint"])
-        result.update(registered=True, version=version, aliases=[r.alias], model_uri=f"models:/{r.model_name}@{r.alias}")
+        with registry.registry_lock(uri), tempfile.TemporaryDirectory() as tmp:
+            card_path = Path(tmp) / "model_card.md"  # travels inside the model, not a stage output
+            atomic_write_text(card_path, card_text)
+            try:
+                info = registry.log_model(model_dir=model_dir, card_path=card_path, registered_name=r.model_name,
+                                          example_texts=test["text"].head(2).tolist())
+            except Exception as err:  # MLflow raises many types; the user needs the message
+                raise GraftError(f"{model_dir}: MLflow could not log or register the model: {err}") from None
+            version = str(info.registered_model_version)
+            registry.wait_ready(client, r.model_name, version)
+            for key, value in tags.items():
+                client.set_model_version_tag(r.model_name, version, key, value)
+            client.set_model_version_tag(r.model_name, version, "dataset_fingerprint", card["fingerprint"])
+            client.update_model_version(r.model_name, version, description=card_text)
+            client.set_registered_model_alias(r.model_name, r.alias, version)
+            aliases = [r.alias]
+
+            texts, labels = test["text"].tolist(), test["label"].tolist()
+            champion = registry.champion_version(client, r.model_name)
+            new_accuracy = registry.accuracy_of(f"models:/{r.model_name}/{version}", texts, labels)
+            old_accuracy = (registry.accuracy_of(f"models:/{r.model_name}/{champion}", texts, labels)
+                            if champion is not None else None)
+            promote, why = registry.decide_promotion(challenger=new_accuracy, champion=old_accuracy,
+                                                     verdict=registry.verdict_of(transfer), rule=r.promotion)
+            if promote:
+                client.set_registered_model_alias(r.model_name, registry.CHAMPION, version)
+                aliases.append(registry.CHAMPION)
+            client.set_model_version_tag(r.model_name, version, "promotion", why)
+        mlflow.log_metric("registry_test_accuracy", new_accuracy)
+        result.update(registered=True, version=version, aliases=aliases, model_uri=f"models:/{r.model_name}@{r.alias}",
+                      promotion={"promoted": promote, "reason": why, "test_accuracy": new_accuracy,
+                                 "champion_version": champion, "champion_test_accuracy": old_accuracy})
     return result
 
 
 @exits_cleanly
 def main() -> None:
-    result = register(config.load())
-    write_json(OUT, result)
+    layout = Layout()
+    result = register(config.load(), layout)
+    write_json(layout.registration, result)
     if result["registered"]:
-        print(f"register: {result['model_name']} version {result['version']} -> @{result['aliases'][0]} (run {result['run_id']})")  # noqa: T201
+        promotion = result["promotion"]
+        print(f"register: {result['model_name']} version {result['version']} -> @{', @'.join(result['aliases'])} "  # noqa: T201
+              f"(run {result['run_id']}); {'promoted' if promotion['promoted'] else 'not promoted'}: {promotion['reason']}")
     else:
         print(f"register: not registered ({result['reason']}); run {result['run_id']} logged")  # noqa: T201
 

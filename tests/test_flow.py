@@ -1,8 +1,10 @@
 """The Prefect flow over DVC stages: Prefect and `dvc repro` agree on what is stale, skipped
-stages show as `Skipped`, and bad input ends in one line, not a traceback."""
+stages show as `Skipped`, a run with overrides is a DVC experiment that leaves params.yaml as
+committed, and bad input ends in one line, not a traceback."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -12,7 +14,8 @@ import pytest
 import yaml
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.pipeline import STAGES, StageFailed, pipeline
+from flows.pipeline import STAGES, StageFailed, _retry_transient, pipeline
+from graft import runs
 
 from .conftest import make_workspace, tiny_params
 
@@ -41,6 +44,13 @@ def _task_states(flow_state, expected: int) -> dict[str, str]:
             time.sleep(0.5)
 
 
+def commit(root: Path) -> None:
+    """DVC experiments are commits on top of HEAD: give the workspace one."""
+    for cmd in (["git", "add", "-A"], ["git", "-c", "user.name=graft-test", "-c", "user.email=test@graft.invalid",
+                                        "commit", "-qm", "workspace"]):
+        subprocess.run(cmd, cwd=root, check=True, capture_output=True)
+
+
 def _dvc(root: Path, *args: str) -> str:
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, check=True, capture_output=True,
                           text=True).stdout
@@ -48,6 +58,7 @@ def _dvc(root: Path, *args: str) -> str:
 
 def test_second_run_skips_everything_and_a_train_param_reruns_only_downstream(tmp_path, tiny_model_dir):
     root = make_workspace(tmp_path / "ws", tiny_params(tiny_model_dir))
+    commit(root)
     first = pipeline(root=str(root), return_state=True)
     assert [r["status"] for r in first.result()] == ["ran"] * 7  # six stages + push
     assert (root / "reports/registration.json").exists() and (root / "dvc.lock").exists()
@@ -59,11 +70,32 @@ def test_second_run_skips_everything_and_a_train_param_reruns_only_downstream(tm
     assert all(states[name] == "Skipped" for name in STAGES), states
     assert "didn't change" in _dvc(root, "repro").lower() or "up to date" in _dvc(root, "repro").lower()
 
+    committed = (root / "params.yaml").read_text()
     third = pipeline(overrides=["train.epochs=1"], root=str(root), return_state=True)
-    ran = [r["stage"] for r in third.result()[:6] if r["status"] == "ran"]
-    assert ran == ["train", "evaluate", "register"]
-    assert yaml.safe_load((root / "params.yaml").read_text())["train"]["epochs"] == 1
-    assert "up to date" in _dvc(root, "status").lower()
+    rows = third.result()
+    assert {r["stage"]: r["status"] for r in rows if r["status"] == "ran"} == {
+        "train": "ran", "evaluate": "ran", "register": "ran"}, rows
+    experiment = rows[0]["experiment"]
+    assert (root / "params.yaml").read_text() == committed  # the override stayed in the experiment
+    assert "up to date" in _dvc(root, "status").lower()  # and the workspace is as the second run left it
+    shown = json.loads(_dvc(root, "exp", "show", "--json"))
+    exps = {e["name"]: e for rev in shown for e in (rev.get("experiments") or []) for e in e["revs"]}
+    assert exps[experiment]["data"]["params"]["params.yaml"]["data"]["train"]["epochs"] == 1
+
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{root / 'mlruns.db'}"  # the workspace's store, not the experiment's temporary copy
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    versions = sorted(client.search_model_versions("name='graft-classifier'"), key=lambda v: int(v.version))
+    assert len(versions) == 2
+    assert client.get_run(versions[-1].run_id).data.params["train.epochs"] == "1"
+    assert client.get_run(versions[0].run_id).data.params["train.epochs"] == "2"
+    assert versions[-1].tags["prefect_flow_run_id"] == str(third.state_details.flow_run_id)
+
+    fourth = pipeline(overrides=["register.experiment=graft-written"], root=str(root), write_params=True,
+                      push=False, return_state=True)
+    assert [r["stage"] for r in fourth.result() if r["status"] == "ran"] == ["register"]
+    assert yaml.safe_load((root / "params.yaml").read_text())["register"]["experiment"] == "graft-written"
 
 
 def test_stage_error_surfaces_as_one_line(tmp_path, tiny_model_dir):
@@ -95,12 +127,18 @@ def test_cli_rejects_an_unknown_params_key_in_one_line(tmp_path, tiny_model_dir)
 
 
 def test_deployment_carries_the_schedule_and_overridable_parameters():
-    deployment = pipeline.to_deployment(name="graft-scheduled", cron="0 3 * * *",
-                                        parameters={"overrides": [], "root": "/srv/graft"})
+    deployment = pipeline.to_deployment(name="graft-scheduled", cron="0 3 * * *", parameters={"root": "/srv/graft"})
     assert deployment.name == "graft-scheduled"
     assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
-    assert deployment.parameters == {"overrides": [], "root": "/srv/graft"}
-    assert set(pipeline.parameters.properties) == {"overrides", "root", "push"}
+    assert deployment.parameters == {"root": "/srv/graft"}
+    assert set(pipeline.parameters.properties) == {"params", "overrides", "root", "push", "write_params"}
+    # the UI's form: every params.yaml key, typed and documented, empty (= as committed) by default
+    form = pipeline.parameters.definitions
+    lr = form["ParamOverridesTrain"]["properties"]["lr"]
+    assert lr["anyOf"] == [{"type": "number"}, {"type": "null"}] and lr["default"] is None
+    assert "learning rate" in lr["description"]
+    filled = runs.ParamOverrides.model_validate({"gate": {"min_accuracy": 0}, "train": {"lr": 3e-5}})
+    assert runs.override_strings(filled) == ["train.lr=3e-05", "gate.min_accuracy=0.0"]
 
 
 def test_cli_run_with_a_missing_data_file_ends_in_one_line_without_traceback(tmp_path, tiny_model_dir):
@@ -112,5 +150,40 @@ def test_cli_run_with_a_missing_data_file_ends_in_one_line_without_traceback(tmp
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr + proc.stdout
     errors = [line for line in proc.stderr.splitlines() if line.startswith("graft: error:")]
+    assert len(errors) == 1  # the stage's own line is not echoed a second time
     assert errors[-1] == (
         "graft: error: stage 'prepare': nowhere/data.csv: data file not found (set data.source in params.yaml)")
+
+
+def test_overrides_without_a_git_commit_are_refused_in_one_line(tmp_path, tiny_model_dir):
+    root = make_workspace(tmp_path / "ws", tiny_params(tiny_model_dir))
+    with pytest.raises(Exception, match="need a git commit") as err:
+        pipeline(overrides=["train.lr=0.1"], root=str(root))
+    assert err.value.exit_code == 2
+
+
+def test_transient_failures_are_retried_and_exit_75_but_input_errors_are_not(tmp_path, tiny_model_dir):
+    """A hub that does not answer is worth a retry; a missing package is not."""
+    from prefect.states import Failed
+
+    params = tiny_params(tiny_model_dir)
+    params["model"]["ref"] = "acme/bert"
+    root = make_workspace(tmp_path / "ws", params)
+    env = {"PATH": str(Path(sys.executable).parent), "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2",
+           "HOME": str(tmp_path), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    proc = subprocess.run([sys.executable, "-m", "tasks.fetch"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 75, proc.stderr
+    assert proc.stderr.startswith("graft: error: model.ref='acme/bert': cannot")
+
+    dvc_output = "ERROR: failed to reproduce 'fetch': failed to run: python -m tasks.fetch, exited with 75"
+    assert runs.failure_kind(255, dvc_output, reported=True) == "transient"
+    assert runs.failure_kind(255, dvc_output.replace("75", "2"), reported=True) == "input"
+    assert runs.failure_kind(1, "ERROR: Unable to acquire lock. Most likely another DVC process is running",
+                             reported=False) == "transient"
+    assert runs.failure_kind(255, dvc_output.replace("75", "1"), reported=False) == "internal"
+    transient = StageFailed("stage 'fetch': hub down", kind="transient")
+    bad = StageFailed("stage 'fetch': no such package", kind="input")
+    assert _retry_transient(None, None, Failed(data=transient)) is True
+    assert _retry_transient(None, None, Failed(data=bad)) is False
+    assert (transient.exit_code, bad.exit_code, StageFailed("x", kind="internal").exit_code) == (75, 2, 1)

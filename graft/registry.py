@@ -1,0 +1,229 @@
+"""The MLflow registry side of graft: where runs are tracked, what a version carries (lineage,
+model card, a pyfunc model that needs no network), and champion/challenger promotion.
+
+Promotion compares the new version with the current champion on the same frozen test split,
+both predicted in this run through the registry (`models:/...`), so the decision never rests
+on numbers another run computed on other data. Aliases move only after the version they name
+exists, under a lock, so two runs finishing together cannot both become champion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from graft import config
+from graft.errors import GraftError
+
+DEFAULT_TRACKING_DB = "mlruns.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+CHAMPION = "champion"
+SERVING_CODE = Path(__file__).with_name("serving.py")
+SERVING_PACKAGES = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pandas", "numpy")
+
+
+def tracking_uri(root: Path = Path(".")) -> str:
+    """`MLFLOW_TRACKING_URI` when set (a server at scale), else a SQLite file in the repository.
+
+    graft sets the variable for stages it runs in a DVC experiment's temporary copy, so their
+    runs land in the workspace's `mlruns.db`, not in a copy that is deleted afterwards."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(root) / DEFAULT_TRACKING_DB).resolve()}"
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def artifact_location(uri: str) -> str | None:
+    """Artifacts beside a SQLite store (`mlartifacts/`); a server decides for itself."""
+    db = _sqlite_file(uri)
+    return (db.parent / DEFAULT_ARTIFACTS).resolve().as_uri() if db else None
+
+
+@contextlib.contextmanager
+def registry_lock(uri: str) -> Iterator[None]:
+    """Serialise alias changes (and SQLite writes) of concurrent runs on this machine."""
+    db = _sqlite_file(uri)
+    path = db.with_name(db.name + ".lock") if db else Path.home() / ".cache" / "graft" / (
+        "registry-" + hashlib.sha256(uri.encode()).hexdigest()[:16] + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def flat_params(params: config.Params) -> dict[str, str]:
+    """`{"train.lr": "0.0001", ...}`: what MLflow logs, one entry per params.yaml key."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: object) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, inner)
+        else:
+            flat[prefix] = str(value)
+
+    walk("", params.model_dump())
+    return flat
+
+
+def serving_requirements() -> list[str]:
+    """Pinned versions of what serving needs (MLflow's own guess would add torchvision)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in SERVING_PACKAGES]
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def lineage(*, datacard: dict, manifest: dict, dvc_lock: Path) -> dict[str, str]:
+    """What a version was made from: code, pipeline state, data, backbone, and the Prefect run."""
+    files = manifest.get("files", {})
+    backbone_digest = hashlib.sha256(
+        "".join(f"{name}:{files[name]['sha256']}\n" for name in sorted(files)).encode()).hexdigest()
+    source = manifest.get("source", {})
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "git_commit": _git("rev-parse", "HEAD") or "unknown",
+        "git_dirty": "unknown" if status is None else str(bool(status)),
+        "dvc_lock_sha256": hashlib.sha256(dvc_lock.read_bytes()).hexdigest() if dvc_lock.exists() else "none",
+        "data_fingerprint": datacard["fingerprint"],
+        "data_source": datacard.get("source", "unknown"),
+        "backbone_source": f"{source.get('kind', '?')}:{source.get('ref', '?')}"
+                           + (f"@{source['commit']}" if source.get("commit") else ""),
+        "backbone_sha256": backbone_digest,
+        "prefect_flow_run_id": flow_run_id() or "none",
+    }
+
+
+def flow_run_id() -> str | None:
+    """The Prefect flow run that started this stage: passed down by the flow, or Prefect's own."""
+    return os.environ.get("GRAFT_FLOW_RUN_ID") or os.environ.get("PREFECT__FLOW_RUN_ID") or None
+
+
+def verdict_of(transfer: dict) -> str:
+    """`positive` / `no_gain` / `negative`; older reports only carry `negative_transfer`."""
+    if transfer.get("verdict"):
+        return str(transfer["verdict"])
+    return "negative" if transfer.get("negative_transfer") else "positive"
+
+
+def model_card(*, name: str, manifest: dict, datacard: dict, metrics: dict, transfer: dict, gate: dict,
+               bias: dict | None, lineage_tags: dict) -> str:
+    """A Markdown card a person reads before using the model: what, from what, how good, caveats."""
+    test = metrics["test"]
+    proposed = transfer.get("proposed", "finetune")
+    cand = transfer.get("candidates", {}).get(proposed, {}).get("test", {})
+    lines = [f"# {name}", "", "Text classifier fine-tuned by graft from a pretrained encoder.", "",
+             "## Base model", "",
+             f"- source: `{lineage_tags['backbone_source']}` (sha256 of its files: `{lineage_tags['backbone_sha256'][:16]}…`)",
+             f"- architecture: {manifest.get('architecture', {}).get('model_type', '?')}, "
+             f"{manifest.get('architecture', {}).get('num_parameters', '?')} parameters", "",
+             "## Data", "",
+             f"- source: `{datacard.get('source')}`, fingerprint `{datacard['fingerprint'][:16]}…`",
+             f"- classes: {', '.join(datacard.get('classes', []))}"]
+    for split, info in datacard.get("splits", {}).items():
+        lines.append(f"- {split}: {info['rows']} rows")
+    lines += ["", f"## Test metrics ({transfer.get('confidence', 0.95):.0%} intervals)", ""]
+    for key in ("accuracy", "macro_f1"):
+        ci = cand.get(f"{key}_ci")
+        interval = f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
+        lines.append(f"- {key}: {test[key]:.4f}{interval}")
+    lines += ["", "## Transfer", "", f"- verdict: {verdict_of(transfer)}; margin over "
+              f"{transfer.get('best_baseline', '?')}: {transfer.get('margin', float('nan')):+.4f}"]
+    lines += ["", "## Gate", ""] + [
+        f"- {'pass' if c['passed'] else 'FAIL'} {c['name']}: {c['value']} (threshold {c['threshold']})"
+        for c in gate.get("checks", [])]
+    lines += ["", "## Bias", ""]
+    lines += ([f"```json\n{json.dumps(bias, indent=1, sort_keys=True)[:4000]}\n```"] if bias else
+              ["No bias report was produced for this run (reports/bias.json absent)."])
+    lines += ["", "## Limitations", "",
+              "- Trained on a small labelled set; metrics come from one frozen test split of the same source.",
+              "- Texts longer than the model's maximum length are truncated.",
+              "- Only the classes listed above can be predicted; out-of-domain text still gets one of them.",
+              "", "## Lineage", ""] + [f"- {k}: `{v}`" for k, v in sorted(lineage_tags.items())]
+    return "\n".join(lines) + "\n"
+
+
+def log_model(*, model_dir: Path, card_path: Path, example_texts: list[str], registered_name: str) -> Any:
+    """Log the pyfunc model (code + safetensors folder, nothing pickled) and register a version.
+
+    The signature comes from predicting the input example in this process; MLflow never looks
+    up a hub model card, so registering needs no network."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from graft.serving import TextClassifier
+
+    example = pd.DataFrame({"text": example_texts})
+    output = TextClassifier().load(model_dir).predict(None, example)
+    return mlflow.pyfunc.log_model(
+        name="model", python_model=str(SERVING_CODE),
+        artifacts={"model": str(model_dir), "model_card": str(card_path)},
+        signature=infer_signature(example, output), input_example=example,
+        pip_requirements=serving_requirements(), registered_model_name=registered_name,
+        await_registration_for=60,
+    )
+
+
+def accuracy_of(model_uri: str, texts: list[str], labels: list[str]) -> float:
+    """Accuracy of a registered model on these texts, predicted now through the registry."""
+    import mlflow
+
+    predicted = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"text": texts}))["label"]
+    return float((predicted.astype(str).to_numpy() == pd.Series(labels).astype(str).to_numpy()).mean())
+
+
+def champion_version(client, name: str) -> str | None:
+    """The version the champion alias names, if it names one that exists."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, CHAMPION).version)
+    except MlflowException:
+        return None
+
+
+def decide_promotion(*, challenger: float, champion: float | None, verdict: str,
+                     rule: config.PromotionParams) -> tuple[bool, str]:
+    """Champion only for a first version, or one that beats the champion by the margin; both
+    accuracies measured in this run on the same test split. Returns (promote, why)."""
+    if verdict not in rule.verdicts:
+        return False, f"transfer verdict {verdict!r} is not one of {list(rule.verdicts)}"
+    if champion is None:
+        return True, "first version to pass the gate"
+    gain = challenger - champion
+    if gain > rule.min_gain:
+        return True, f"test accuracy {challenger:.4f} beats champion's {champion:.4f} by {gain:+.4f} (> {rule.min_gain})"
+    return False, f"test accuracy {challenger:.4f} vs champion's {champion:.4f}: gain {gain:+.4f} is not > {rule.min_gain}"
+
+
+def wait_ready(client, name: str, version: str, timeout: float = 60) -> None:
+    """An alias may only name a version whose files are in place (status READY)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = client.get_model_version(name, version).status
+        if status == "READY":
+            return
+        if status == "FAILED_REGISTRATION" or time.monotonic() > deadline:
+            raise GraftError(f"model {name} version {version}: registration did not complete ({status})")
+        time.sleep(0.5)

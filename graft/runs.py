@@ -1,0 +1,192 @@
+"""How pipeline runs share one workspace: one run at a time (a waiter says whom it waits for),
+runs with overrides as DVC experiments (`dvc exp run --temp`) so `params.yaml` never changes,
+a run killed without a chance to clean up marked `Crashed` by the next one, and failures
+classified into the exit codes users and schedulers act on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from graft import config
+from graft.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_TRANSIENT, GraftError
+
+FailureKind = Literal["input", "transient", "internal"]
+LOCK_FILE = Path(".dvc/tmp/graft-run.lock")
+HOLDER_FILE = Path(".dvc/tmp/graft-run.json")
+# DVC's own words for a workspace another DVC process holds, and for a network hiccup
+_TRANSIENT_PATTERNS = re.compile(
+    r"Unable to acquire lock|lock file|Connection (refused|reset|aborted)|timed out|Temporary failure in name resolution",
+    re.IGNORECASE)
+_STAGE_EXIT = re.compile(r"exited with (-?\d+)")
+
+
+def failure_kind(returncode: int, output: str, *, reported: bool) -> FailureKind:
+    """Bad input (a stage reported it: exit 2), transient (exit 75, a busy lock, the network),
+    or internal (anything else: a bug worth a report)."""
+    codes = [int(c) for c in _STAGE_EXIT.findall(output)]
+    stage_code = codes[-1] if codes else returncode
+    if stage_code == EXIT_TRANSIENT or (not reported and _TRANSIENT_PATTERNS.search(output)):
+        return "transient"
+    if stage_code == EXIT_BAD_INPUT and reported:
+        return "input"
+    return "internal"
+
+
+EXIT_CODES: dict[FailureKind, int] = {"input": EXIT_BAD_INPUT, "transient": EXIT_TRANSIENT,
+                                      "internal": EXIT_INTERNAL}
+
+
+@contextlib.contextmanager
+def workspace_lock(root: Path, *, flow_run_id: str | None, on_wait: Callable[[str], Any],
+                   on_stale: Callable[[str], Any] | None = None, timeout: float | None = None) -> Iterator[None]:
+    """Hold the workspace for one run. A second run waits (and says for whom) rather than
+    failing on DVC's lock; a holder record left by a killed run is handed to `on_stale`."""
+    lock_path, holder_path = Path(root) / LOCK_FILE, Path(root) / HOLDER_FILE
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(holder_path)
+            who = f"pid {holder.get('pid')}, flow run {holder.get('flow_run_id')}" if holder else "another run"
+            on_wait(f"workspace {Path(root).resolve()} is busy ({who}); waiting for it to finish")
+            _wait_for(handle, timeout)
+        stale = _read_holder(holder_path)
+        if stale and on_stale is not None and stale.get("flow_run_id") and stale.get("flow_run_id") != flow_run_id:
+            on_stale(str(stale["flow_run_id"]))  # its holder died without removing its record
+        holder_path.write_text(json.dumps({"pid": os.getpid(), "flow_run_id": flow_run_id,
+                                           "since": datetime.now(timezone.utc).isoformat()}))
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                holder_path.unlink()
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _wait_for(handle, timeout: float | None) -> None:
+    from graft.errors import TransientError
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TransientError(f"workspace still busy after {timeout:.0f}s; try again later") from None
+            time.sleep(1)
+
+
+def _read_holder(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def mark_crashed(flow_run_id: str) -> bool:
+    """Set a flow run that still shows `Running` (its process was killed) to `Crashed`."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    try:
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(UUID(flow_run_id))
+            if run.state is None or run.state.is_final():
+                return False
+            client.set_flow_run_state(run.id, Crashed(message="its process was killed; marked by the next graft run"),
+                                      force=True)
+            return True
+    except Exception:  # the record may come from another Prefect API: nothing to fix there
+        return False
+
+
+def experiment_env(root: Path, flow_run_id: str | None) -> dict[str, str]:
+    """What a stage needs in an experiment's temporary copy: the workspace's tracking store
+    (not the copy's, which is deleted) and the flow run that started it (lineage)."""
+    from graft.registry import tracking_uri
+
+    env = {"MLFLOW_TRACKING_URI": tracking_uri(Path(root))}
+    if flow_run_id:
+        env["GRAFT_FLOW_RUN_ID"] = flow_run_id
+    return env
+
+
+def experiment_name(flow_run_id: str | None) -> str:
+    """A git-ref-safe experiment name that ties `dvc exp show` back to the Prefect run."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"graft-{stamp}-{(flow_run_id or 'cli')[:8]}"
+
+
+_STAGE_LINE = re.compile(
+    r"^(?:(?P<ran>Running stage) '(?P<a>[\w-]+)'|Stage '(?P<b>[\w-]+)' (?P<how>didn't change|is cached))")
+
+
+def stage_rows(output: str, stages: tuple[str, ...]) -> list[dict]:
+    """Per-stage outcome of one `dvc exp run`, read from DVC's own log lines."""
+    seen: dict[str, str] = {}
+    for line in output.splitlines():
+        match = _STAGE_LINE.match(line.strip())
+        if match:
+            stage = match["a"] or match["b"]
+            seen[stage] = "ran" if match["ran"] else ("cached" if match["how"] == "is cached" else "skipped")
+    return [{"stage": s, "status": seen.get(s, "not run"), "seconds": 0.0} for s in stages]
+
+
+def _optional_model(model: type[BaseModel], name: str) -> type[BaseModel]:
+    """`model` with every field optional (None: keep params.yaml's value), docs kept."""
+    fields: dict[str, Any] = {}
+    for key, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            annotation = _optional_model(annotation, f"{name}{key.title()}")
+        fields[key] = (annotation | None, Field(None, description=info.description))
+    return create_model(name, __config__=ConfigDict(extra="forbid"), **fields)
+
+
+# The Prefect UI renders this as a form: every params.yaml key, typed, documented, empty by default.
+ParamOverrides = _optional_model(config.Params, "ParamOverrides")
+
+
+def override_strings(values: BaseModel | dict | None) -> list[str]:
+    """The filled-in fields of a ParamOverrides as `KEY=VALUE` strings (as `graft run -S`)."""
+    if values is None:
+        return []
+    raw = values.model_dump(exclude_none=True) if isinstance(values, BaseModel) else values
+    out: list[str] = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                if inner is not None:
+                    walk(f"{prefix}.{key}" if prefix else key, inner)
+        else:
+            out.append(f"{prefix}={json.dumps(value)}")
+
+    walk("", raw)
+    return out
+
+
+def require_git_commit(root: Path) -> None:
+    """DVC experiments are commits on top of HEAD: a repository without one cannot hold them."""
+    import subprocess
+
+    proc = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=root, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise GraftError(f"{Path(root).resolve()}: runs with overrides are DVC experiments and need a git commit "
+                         "(git add -A && git commit), or pass --write-params to edit params.yaml instead")
