@@ -170,6 +170,35 @@ def dvc_push(root: str) -> dict:
     return {"stage": "push", "status": "ran", "seconds": round(time.perf_counter() - started, 2)}
 
 
+@task
+def publish_run_facts(root: str) -> None:
+    """What no stage may depend on, published at the edge: the evaluation summary as a Prefect
+    markdown artifact, and train.json (timings, throughput per epoch) on the MLflow run."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from graft.files import read_json
+    from graft.report import summary_markdown
+
+    layout = Layout(Path(root))
+    reports = (layout.transfer, layout.gate, layout.bias, layout.robustness)
+    if all(path.exists() for path in reports):
+        create_markdown_artifact(summary_markdown(*(read_json(path) for path in reports)), key="graft-evaluation",
+                                 description="Transfer verdict, bias and robustness, gate")
+    if not (layout.registration.exists() and layout.train_report.exists()):
+        return
+    import mlflow
+
+    registration, train = read_json(layout.registration), read_json(layout.train_report)
+    client = mlflow.MlflowClient(tracking_uri=registration["tracking_uri"])
+    run_id = registration["run_id"]
+    client.log_artifact(run_id, str(layout.train_report), artifact_path="reports")
+    for name, candidate in train.get("candidates", {}).items():
+        for row in candidate.get("throughput") or []:
+            for key in ("samples_per_s", "tokens_per_s"):
+                if row.get(key) is not None:
+                    client.log_metric(run_id, f"train_{name}_{key}", row[key], step=row["epoch"])
+
+
 def _crashed(flow_run_id: str) -> None:
     """The previous holder of the workspace was killed: its flow run must not stay `Running`."""
     if runs.mark_crashed(flow_run_id):
@@ -207,6 +236,7 @@ def pipeline(params: runs.ParamOverrides | None = None, overrides: list[str] | N
             outcome = dvc_stage(stage, root)
             # a skipped stage returns its `Skipped` state; the summary wants the row it carries
             summary.append(outcome.result() if isinstance(outcome, State) else outcome)
+        publish_run_facts(root)
         if push:
             summary.append(dvc_push(root))
     return summary

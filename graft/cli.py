@@ -67,8 +67,11 @@ def _report_outcome(summary: list[dict]) -> None:
         if not Path(name).exists():
             return
     transfer, gate, reg = (read_json(Path(f"reports/{n}.json")) for n in ("transfer", "gate", "registration"))
+    from graft.report import verdict_sentence
+
     fine = transfer["candidates"][transfer["proposed"]]["test"]
-    print(f"\n{transfer['proposed']}: test accuracy {fine['accuracy']:.4f}, macro-F1 {fine['macro_f1']:.4f}; "
+    print(f"\n{verdict_sentence(transfer, transfer['proposed'])}")
+    print(f"{transfer['proposed']}: test accuracy {fine['accuracy']:.4f}, macro-F1 {fine['macro_f1']:.4f}; "
           f"margin over {transfer['best_baseline']} {transfer['margin']:+.4f}; "
           f"negative_transfer={transfer['negative_transfer']}; gate passed={gate['passed']}")
     if reg.get("registered"):
