@@ -236,7 +236,8 @@ def pipeline(params: runs.ParamOverrides | None = None, overrides: list[str] | N
             outcome = dvc_stage(stage, root)
             # a skipped stage returns its `Skipped` state; the summary wants the row it carries
             summary.append(outcome.result() if isinstance(outcome, State) else outcome)
-        publish_run_facts(root)
+        if summary[-1]["status"] == "ran":  # a new MLflow run exists only when register ran
+            publish_run_facts(root)
         if push:
             summary.append(dvc_push(root))
     return summary
