@@ -56,7 +56,9 @@ def _dvc(root: Path, *args: str) -> str:
                           text=True).stdout
 
 
-def test_second_run_skips_everything_and_a_train_param_reruns_only_downstream(tmp_path, tiny_model_dir):
+def test_second_run_skips_everything_and_a_train_param_reruns_only_downstream(tmp_path, tiny_model_dir, monkeypatch):
+    # the workspace's own store (an earlier in-process mlflow.set_tracking_uri exports the variable)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = make_workspace(tmp_path / "ws", tiny_params(tiny_model_dir))
     commit(root)
     first = pipeline(root=str(root), return_state=True)

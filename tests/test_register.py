@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -26,6 +27,17 @@ from .conftest import load_params, make_workspace, tiny_params
 NAME = "graft-classifier"
 LINEAGE_TAGS = {"git_commit", "git_dirty", "dvc_lock_sha256", "data_fingerprint", "backbone_source",
                 "backbone_sha256", "prefect_flow_run_id"}
+
+
+@pytest.fixture(autouse=True)
+def own_tracking_uri(monkeypatch) -> Iterator[None]:
+    """`mlflow.set_tracking_uri` also sets MLFLOW_TRACKING_URI, which every later subprocess
+    (a DVC stage in another test) would inherit: put the environment back after each test."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    mlflow.set_tracking_uri(None)  # MLflow keeps the URI globally and re-exports it otherwise
 
 
 @pytest.fixture(scope="module")
