@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from graft.errors import GraftError
+from graft.errors import GraftError, TransientError
 from graft.sources import HUB_ID, PACKAGE_PREFIX, package_path
 
 
@@ -26,14 +26,24 @@ def resolve_model_path(ref: str) -> Path | None:
 def hub_model_commit(repo_id: str, revision: str | None) -> str:
     """The commit a hub model's revision points at now."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         return str(HfApi().model_info(repo_id, revision=revision).sha)
     except RepositoryNotFoundError:
         raise GraftError(f"model.ref={repo_id!r}: unknown model reference: no such model on the Hugging Face Hub") from None
-    except Exception as err:  # the hub's HTTP stack raises its own connection errors
-        raise GraftError(
+    except RevisionNotFoundError:
+        raise GraftError(f"model.ref={repo_id!r}: no revision {revision!r} on the Hugging Face Hub") from None
+    except HfHubHTTPError as err:
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        error = TransientError if status is None or status == 429 or status >= 500 else GraftError
+        raise error(f"model.ref={repo_id!r}: the Hugging Face Hub answered {status}: {err}") from None
+    except Exception as err:  # no network: worth retrying, and a local folder works offline
+        raise TransientError(
             f"model.ref={repo_id!r}: cannot reach the Hugging Face Hub ({type(err).__name__}: {err}); "
             "use a local folder or an installed package offline"
         ) from None

@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import re
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
@@ -190,3 +191,10 @@ def require_git_commit(root: Path) -> None:
     if proc.returncode != 0:
         raise GraftError(f"{Path(root).resolve()}: runs with overrides are DVC experiments and need a git commit "
                          "(git add -A && git commit), or pass --write-params to edit params.yaml instead")
+
+
+def track_files(workspace: Path, paths: list[Path]) -> None:
+    """`git add` files the pipeline writes and the user commits (the source pins), so a DVC
+    experiment's temporary copy has them."""
+    subprocess.run(["git", "add", "--", *[str(Path(p).relative_to(workspace)) for p in paths]], cwd=workspace,
+                   capture_output=True, check=False)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from graft.errors import GraftError
+from graft.errors import GraftError, TransientError
 from graft.files import atomic_path, atomic_write_text
 
 PACKAGE_PREFIX = "package:"
@@ -120,7 +120,10 @@ def hub_dataset_commit(source: str, revision: str | None) -> str:
     try:
         return str(HfApi().dataset_info(name, revision=revision).sha)
     except Exception as err:  # the hub's HTTP stack raises many types; the user needs the message
-        raise GraftError(
+        from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+        kind = GraftError if isinstance(err, RepositoryNotFoundError | RevisionNotFoundError) else TransientError
+        raise kind(
             f"data.source={source!r}: cannot resolve the revision on the Hugging Face Hub "
             f"({type(err).__name__}: {err}); use a local file or an installed package offline"
         ) from None

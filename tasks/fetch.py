@@ -82,7 +82,7 @@ def copy_model(src: Path, dst: Path, *, trust_remote_code: bool) -> list[str]:
     return kept
 
 
-def describe(model_dir: Path, *, trust_remote_code: bool) -> dict:
+def describe(model_dir: Path, *, trust_remote_code: bool, source: Path | None = None) -> dict:
     """Load the copy (config, tokenizer, weights) to prove it works; return its architecture."""
     from safetensors import SafetensorError
 
@@ -92,9 +92,9 @@ def describe(model_dir: Path, *, trust_remote_code: bool) -> dict:
         load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
         encoder = load_encoder(model_dir, trust_remote_code=trust_remote_code)
     except SafetensorError as err:
-        raise GraftError(f"{model_dir}: corrupt or truncated safetensors weights: {err}") from None
+        raise GraftError(f"{source or model_dir}: corrupt or truncated safetensors weights: {err}") from None
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise GraftError(f"{model_dir}: not a loadable transformers encoder: {err}") from None
+        raise GraftError(f"{source or model_dir}: not a loadable transformers encoder: {err}") from None
     cfg = encoder.config
     return {
         "model_type": cfg.model_type,
@@ -127,7 +127,7 @@ def fetch(params: config.Params, *, source_file: Path, out_dir: Path) -> dict:
         manifest = {
             "source": origin,
             "files": {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size} for name in kept},
-            "architecture": describe(tmp, trust_remote_code=m.trust_remote_code),
+            "architecture": describe(tmp, trust_remote_code=m.trust_remote_code, source=src),
         }
         write_json(tmp / "manifest.json", manifest)
     return manifest

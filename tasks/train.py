@@ -80,7 +80,9 @@ def train_transformer(params: config.Params, strategy: str, *, classes: list[str
                                              layer_decay=t.full.layer_decay, lora=lora)
     settings = _settings(params, lr=lr, epochs=epochs)
     _, world = dist_env()
-    fingerprint = fingerprint_of(strategy, t.model_dump(), params.model.model_dump(), params.seed, world, data_digest)
+    # the backbone by content (its manifest), not by name: a resume must see the same weights
+    fingerprint = fingerprint_of(strategy, t.model_dump(), params.model.max_length, params.model.trust_remote_code,
+                                 sha256_file(layout.manifest), params.seed, world, data_digest)
     result = fit(model, tokenizer, **data, settings=settings, param_groups=groups, device=device, freeze_layers=frozen,
                  checkpoint_dir=checkpoints_dir(layout) / strategy, fingerprint=fingerprint, desc=strategy)
     trainable = sum(p.numel() for g in groups for p in g["params"])

@@ -45,7 +45,9 @@ def test_default_backbone_and_corpus_end_to_end(tmp_path: Path, monkeypatch):
     assert metrics["test"]["n"] == 60
     transfer = read_json(root / "reports/transfer.json")
     # Pretrained weights beat the same architecture from random init, even on 40 labels.
-    assert transfer["candidates"]["finetune"]["test"]["accuracy"] > transfer["candidates"]["scratch"]["test"]["accuracy"]
+    proposed = transfer["candidates"][transfer["proposed"]]["test"]["accuracy"]
+    assert transfer["proposed"] in ("linear_probe", "partial")
+    assert proposed > transfer["candidates"]["scratch"]["test"]["accuracy"]
     registration = read_json(root / "reports/registration.json")
     assert registration["registered"] and registration["aliases"] == ["challenger"]
     assert registration["tracking_uri"] == f"sqlite:///{root / 'mlruns.db'}"

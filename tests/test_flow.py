@@ -5,6 +5,7 @@ committed, and bad input ends in one line, not a traceback."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import STAGES, StageFailed, _retry_transient, pipeline
 from graft import runs
+from graft.errors import GraftError
 
 from .conftest import make_workspace, tiny_params
 
@@ -101,16 +103,30 @@ def test_second_run_skips_everything_and_a_train_param_reruns_only_downstream(tm
 
 
 def test_stage_error_surfaces_as_one_line(tmp_path, tiny_model_dir):
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, pickled)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
     params = tiny_params(tiny_model_dir)
-    params["model"]["ref"] = "package:no_such_model_package/model"
+    params["model"]["ref"] = str(pickled)
     root = make_workspace(tmp_path / "ws", params)
     with pytest.raises(StageFailed) as err:
         pipeline(root=str(root), push=False)
     assert err.value.user_error
     assert str(err.value) == (
-        "stage 'fetch': package:no_such_model_package/model: no installed Python package named "
-        "'no_such_model_package' (pip install it?)")
+        f"stage 'fetch': {pickled}: no *.safetensors weights; graft never unpickles model files "
+        "(found only ['pytorch_model.bin']: convert them to safetensors)")
     assert (root / "data/prepared/train.parquet").exists()  # what was produced before is kept
+
+
+def test_an_unknown_source_is_named_before_any_stage_runs(tmp_path, tiny_model_dir):
+    params = tiny_params(tiny_model_dir)
+    params["model"]["ref"] = "package:no_such_model_package/model"
+    root = make_workspace(tmp_path / "ws", params)
+    with pytest.raises(GraftError) as err:
+        pipeline(root=str(root), push=False)
+    assert str(err.value) == ("package:no_such_model_package/model: no installed Python package named "
+                              "'no_such_model_package' (pip install it?)")
+    assert not (root / "data/prepared").exists()
 
 
 def test_cli_rejects_an_unknown_params_key_in_one_line(tmp_path, tiny_model_dir):
@@ -152,9 +168,8 @@ def test_cli_run_with_a_missing_data_file_ends_in_one_line_without_traceback(tmp
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr + proc.stdout
     errors = [line for line in proc.stderr.splitlines() if line.startswith("graft: error:")]
-    assert len(errors) == 1  # the stage's own line is not echoed a second time
-    assert errors[-1] == (
-        "graft: error: stage 'prepare': nowhere/data.csv: data file not found (set data.source in params.yaml)")
+    assert len(errors) == 1
+    assert errors[-1] == "graft: error: nowhere/data.csv: data file not found (set data.source in params.yaml)"
 
 
 def test_overrides_without_a_git_commit_are_refused_in_one_line(tmp_path, tiny_model_dir):
@@ -173,8 +188,9 @@ def test_transient_failures_are_retried_and_exit_75_but_input_errors_are_not(tmp
     root = make_workspace(tmp_path / "ws", params)
     env = {"PATH": str(Path(sys.executable).parent), "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2",
            "HOME": str(tmp_path), "HF_HUB_DISABLE_TELEMETRY": "1"}
-    proc = subprocess.run([sys.executable, "-m", "tasks.fetch"], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=120)
+    # pinning the backbone's hub commit is the first thing that needs the hub
+    proc = subprocess.run([sys.executable, "-m", "graft.cli", "sources"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 75, proc.stderr
     assert proc.stderr.startswith("graft: error: model.ref='acme/bert': cannot")
 

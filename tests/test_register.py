@@ -17,12 +17,10 @@ import yaml
 from graft.files import read_json, write_json
 from graft.layout import Layout
 from tasks.evaluate import evaluate
-from tasks.fetch import fetch
-from tasks.prepare import prepare
 from tasks.register import register
 from tasks.train import train
 
-from .conftest import load_params, make_workspace, tiny_params
+from .conftest import load_params, make_workspace, run_features, run_fetch, run_prepare, tiny_params
 
 NAME = "graft-classifier"
 LINEAGE_TAGS = {"git_commit", "git_dirty", "dvc_lock_sha256", "data_fingerprint", "backbone_source",
@@ -50,8 +48,9 @@ def evaluated_root(tmp_path_factory, tiny_model_dir: Path) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         params = load_params(root)
-        prepare(params)
-        fetch(params)
+        run_prepare(root)
+        run_fetch(root)
+        run_features(root)
         train(params)
         evaluate(params)
     return root
