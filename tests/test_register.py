@@ -99,8 +99,10 @@ def constant_classifier(src: Path, dst: Path, label: str) -> Path:
 
 
 def propose(root: Path, model_dir: Path) -> None:
-    """What the train stage of issue 7 writes: the proposed candidate and its folder."""
-    write_json(root / "reports/train.json", {"proposed": "candidate", "candidates": {"candidate": {"path": str(model_dir)}}})
+    """What the train stage writes: the proposed candidate and its folder (candidates manifest)."""
+    write_json(root / "models/finetuned/candidates.json",
+               {"proposed": "candidate", "candidates": {"candidate": {"kind": "transformer", "path": str(model_dir),
+                                                                      "role": "transfer"}}})
 
 
 def aliases(client) -> dict[str, str]:
@@ -167,7 +169,7 @@ def test_promotion_needs_a_win_on_this_runs_test_split_and_a_failed_gate_moves_n
     # a frozen test split where `winner` is right 2/3 of the time and `loser` 1/3
     test["label"] = [winner if i % 3 else loser for i in range(len(test))]
     test.to_parquet("data/prepared/test.parquet", index=False)
-    models = {label: constant_classifier(Path("models/finetuned"), tmp_path / label, label) for label in classes[:2]}
+    models = {label: constant_classifier(Path("models/finetuned/partial"), tmp_path / label, label) for label in classes[:2]}
 
     propose(evaluated, models[loser])
     first = register(params, Layout(evaluated), uri=uri)
