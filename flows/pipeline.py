@@ -227,10 +227,12 @@ def pipeline(params: runs.ParamOverrides | None = None, overrides: list[str] | N
     with runs.workspace_lock(workspace, flow_run_id=_flow_run_id(), on_wait=logger.warning, on_stale=_crashed):
         if applied and not write_params:
             logger.info("overrides for this run only (a DVC experiment): %s", applied)
-            # an experiment's temporary copy holds git-tracked files only: the source pins and
-            # dvc.lock must be, or it starts from nothing and re-runs every stage
+            # an experiment's temporary copy holds git-tracked files only: the source pins, dvc.lock
+            # and the `cache: false` reports (which DVC leaves to git) must be, or it starts from
+            # nothing and re-runs every stage
             layout = Layout(workspace)
-            runs.track_files(workspace, [layout.data_source_file, layout.model_source_file, workspace / "dvc.lock"])
+            runs.track_files(workspace, [layout.data_source_file, layout.model_source_file, workspace / "dvc.lock",
+                                         layout.reports_dir])
             return dvc_experiment(applied, root)
         if applied:
             config.apply_overrides(texts, params_file)

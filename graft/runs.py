@@ -196,5 +196,6 @@ def require_git_commit(root: Path) -> None:
 def track_files(workspace: Path, paths: list[Path]) -> None:
     """`git add` files the pipeline writes and the user commits (the source pins), so a DVC
     experiment's temporary copy has them."""
-    subprocess.run(["git", "add", "--", *[str(Path(p).relative_to(workspace)) for p in paths]], cwd=workspace,
-                   capture_output=True, check=False)
+    existing = [str(Path(p).relative_to(workspace)) for p in paths if Path(p).exists()]
+    if existing:
+        subprocess.run(["git", "add", "--", *existing], cwd=workspace, capture_output=True, check=False)
