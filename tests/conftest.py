@@ -38,6 +38,22 @@ def build_tiny_bert(out_dir: Path, texts: list[str]) -> Path:
     return out_dir
 
 
+@pytest.fixture(autouse=True)
+def mlflow_environment_restored():
+    """`mlflow.set_tracking_uri` / `set_registry_uri` export MLFLOW_TRACKING_URI and
+    MLFLOW_REGISTRY_URI, and setting them back to None does not remove the variables: every later
+    subprocess (a DVC stage, `mlflow models serve`) would talk to a test's old store."""
+    import os
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     import pandas as pd

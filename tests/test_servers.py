@@ -79,7 +79,7 @@ def stack(tmp_path_factory, tiny_model_dir) -> Iterator[Stack]:
     mlflow_port, prefect_port = servers.free_port(), servers.free_port()
     mlflow_url, prefect_url = f"http://127.0.0.1:{mlflow_port}", f"http://127.0.0.1:{prefect_port}/api"
     # the venv's bin first: `mlflow models serve` starts `uvicorn` by name, as in an activated venv
-    env = dict(os.environ, PREFECT_HOME=str(base / "prefect-home"), MLFLOW_TRACKING_URI=mlflow_url,
+    env = dict(os.environ, PREFECT_HOME=str(base / "prefect-home"), MLFLOW_TRACKING_URI=mlflow_url, MLFLOW_REGISTRY_URI=mlflow_url,
                PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONUNBUFFERED="1",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("PREFECT_API_URL", None)  # the embedded default: graft serve starts the server itself
