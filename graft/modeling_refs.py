@@ -23,27 +23,34 @@ def resolve_model_path(ref: str) -> Path | None:
     return None
 
 
-def hub_model_commit(repo_id: str, revision: str | None) -> str:
-    """The commit a hub model's revision points at now."""
-    from huggingface_hub import HfApi
+def hub_error(repo_id: str, revision: str | None, err: Exception) -> GraftError:
+    """What a failed hub call means for the user: a wrong name or revision is bad input (exit 2);
+    no network, a rate limit or a server error is transient (exit 75, worth a retry)."""
     from huggingface_hub.errors import (
         HfHubHTTPError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
+    if isinstance(err, RepositoryNotFoundError):
+        return GraftError(f"model.ref={repo_id!r}: unknown model reference: no such model on the Hugging Face Hub")
+    if isinstance(err, RevisionNotFoundError):
+        return GraftError(f"model.ref={repo_id!r}: no revision {revision!r} on the Hugging Face Hub")
+    if isinstance(err, HfHubHTTPError):
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        kind = TransientError if status is None or status == 429 or status >= 500 else GraftError
+        return kind(f"model.ref={repo_id!r}: cannot download from the Hugging Face Hub: {err}")
+    return TransientError(
+        f"model.ref={repo_id!r}: cannot reach the Hugging Face Hub ({type(err).__name__}: {err}); "
+        "use a local folder or an installed package offline"
+    )
+
+
+def hub_model_commit(repo_id: str, revision: str | None) -> str:
+    """The commit a hub model's revision points at now."""
+    from huggingface_hub import HfApi
+
     try:
         return str(HfApi().model_info(repo_id, revision=revision).sha)
-    except RepositoryNotFoundError:
-        raise GraftError(f"model.ref={repo_id!r}: unknown model reference: no such model on the Hugging Face Hub") from None
-    except RevisionNotFoundError:
-        raise GraftError(f"model.ref={repo_id!r}: no revision {revision!r} on the Hugging Face Hub") from None
-    except HfHubHTTPError as err:
-        status = getattr(getattr(err, "response", None), "status_code", None)
-        error = TransientError if status is None or status == 429 or status >= 500 else GraftError
-        raise error(f"model.ref={repo_id!r}: the Hugging Face Hub answered {status}: {err}") from None
-    except Exception as err:  # no network: worth retrying, and a local folder works offline
-        raise TransientError(
-            f"model.ref={repo_id!r}: cannot reach the Hugging Face Hub ({type(err).__name__}: {err}); "
-            "use a local folder or an installed package offline"
-        ) from None
+    except Exception as err:  # the hub's HTTP stack raises many types: classified in one place
+        raise hub_error(repo_id, revision, err) from None

@@ -7,10 +7,10 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from graft import config
-from graft.errors import GraftError, TransientError, exits_cleanly
+from graft.errors import GraftError, exits_cleanly
 from graft.files import atomic_path, sha256_file, write_json
 from graft.layout import Layout
-from graft.modeling_refs import resolve_model_path
+from graft.modeling_refs import hub_error, resolve_model_path
 from graft.sources import PACKAGE_PREFIX, read_source_file
 
 # What a backbone needs, and nothing that could execute on load.
@@ -36,30 +36,13 @@ def resolve(ref: str, revision: str | None, *, commit: str | None = None,
 def _download(repo_id: str, revision: str | None, *, commit: str | None = None,
               trust_remote_code: bool) -> tuple[Path, dict]:
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
 
     try:
         # the commit pinned in models/source.yaml, so fetch downloads exactly what DVC recorded
         commit = commit or HfApi().model_info(repo_id, revision=revision).sha
         path = snapshot_download(repo_id, revision=commit, allow_patterns=keep_patterns(trust_remote_code))
-    except RepositoryNotFoundError:
-        raise GraftError(f"model.ref={repo_id!r}: unknown model reference: no such model on the Hugging Face Hub") from None
-    except HfHubHTTPError as err:
-        status = getattr(getattr(err, "response", None), "status_code", None)
-        # 429 and 5xx pass on their own (the flow retries them); other statuses need the user
-        error = TransientError if status is None or status == 429 or status >= 500 else GraftError
-        raise error(f"model.ref={repo_id!r}: cannot download from the Hugging Face Hub: {err}") from None
-    except (LocalEntryNotFoundError, OSError) as err:
-        raise TransientError(f"model.ref={repo_id!r}: cannot download from the Hugging Face Hub: {err}") from None
-    except Exception as err:  # the hub's HTTP stack raises its own connection errors
-        raise TransientError(
-            f"model.ref={repo_id!r}: cannot reach the Hugging Face Hub ({type(err).__name__}: {err}); "
-            "use a local folder or an installed package offline"
-        ) from None
+    except Exception as err:  # the hub's HTTP stack raises many types: classified in one place
+        raise hub_error(repo_id, revision, err) from None
     return Path(path), {"kind": "hub", "ref": repo_id, "revision": revision, "commit": commit}
 
 
