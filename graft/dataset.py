@@ -182,7 +182,13 @@ def split_frame(
     train, rest = train_test_split(frame, train_size=train_size, stratify=frame["label"], random_state=seed)
     val, rest = train_test_split(rest, train_size=val_size, stratify=rest["label"], random_state=seed)
     if test_size is not None and test_size < len(rest):
-        rest, _ = train_test_split(rest, train_size=test_size, stratify=rest["label"], random_state=seed)
+        unused = len(rest) - test_size
+        if unused >= classes:
+            rest, _ = train_test_split(rest, train_size=test_size, stratify=rest["label"], random_state=seed)
+        else:  # too few rows left over for a stratified split: one fewer row in each of the largest classes
+            counts = rest["label"].value_counts()
+            largest = sorted(counts.index, key=lambda c: (-counts[c], c))[:unused]
+            rest = rest.drop(index=[rest.index[rest["label"] == c][-1] for c in largest])
     out = {name: part.sort_values("id", kind="stable").reset_index(drop=True)
            for name, part in (("train", train), ("val", val), ("test", rest))}
     assert_disjoint(out)
