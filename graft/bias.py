@@ -98,26 +98,44 @@ def swap_terms(text: str, mapping: Mapping[str, str], pattern: re.Pattern | None
     return pattern.sub(lambda m: _match_case(m.group(0), mapping[m.group(0).lower()]), text)
 
 
-def counterfactual_pairs(texts: Sequence[str], axes: Sequence[IdentityAxis], *, max_texts: int,
-                         seed: int) -> list[dict]:
-    """Every (axis, source group -> target group) direction with the test texts that mention the
-    source group, at most `max_texts` per direction (a seeded sample), and their swapped texts."""
+def counterfactual_pairs(texts: Sequence[str], axes: Sequence[IdentityAxis], *, max_texts: int, seed: int,
+                         visible: Callable[[Sequence[str], Sequence[str]], np.ndarray] | None = None) -> list[dict]:
+    """The swap directions of every axis with the test texts they apply to and the swapped texts.
+
+    For each source group: the test texts that mention it, kept only where the swap changes what
+    the model sees when `visible(originals, swapped)` is given (a term past the truncation point
+    cannot flip a prediction, and counting it would dilute the flip rate), then a seeded sample of
+    at most `max_texts`. On a two-group axis every sampled text is swapped to the other group; on
+    a wider axis (religion, nationality) each sampled text is swapped to one other group, the
+    groups taken in turn over a seeded shuffle, so every direction is measured and the evidence
+    stays one swap per source text."""
     rng = np.random.default_rng(seed)
     directions = []
     for axis in axes:
         for source in axis.groups:
             pattern = _pattern(axis.groups[source])
+            targets = [g for g in axis.groups if g != source]
             rows = np.array([i for i, t in enumerate(texts) if pattern.search(t)], dtype=int)
+            if visible is not None and len(rows):
+                first = axis.swap_map(source, targets[0])
+                rows = rows[np.asarray(visible([texts[i] for i in rows],
+                                               [swap_terms(texts[i], first, pattern) for i in rows]), dtype=bool)]
             if len(rows) > max_texts:
                 rows = np.sort(rng.choice(rows, size=max_texts, replace=False))
-            for target in axis.groups:
-                if target == source:
-                    continue
+            assigned = {t: rows for t in targets} if len(targets) == 1 else {
+                t: np.sort(part) for t, part in zip(targets, _deal(rng.permutation(rows), len(targets)), strict=True)}
+            for target in targets:
                 mapping = axis.swap_map(source, target)
-                swapped = [swap_terms(texts[i], mapping, pattern) for i in rows]
-                directions.append({"axis": axis.name, "source": source, "target": target, "rows": rows,
+                chosen = assigned[target]
+                swapped = [swap_terms(texts[i], mapping, pattern) for i in chosen]
+                directions.append({"axis": axis.name, "source": source, "target": target, "rows": chosen,
                                    "swapped": swapped})
     return directions
+
+
+def _deal(rows: np.ndarray, hands: int) -> list[np.ndarray]:
+    """Rows dealt to `hands` directions in turn (sizes differ by at most one)."""
+    return [rows[k::hands] for k in range(hands)]
 
 
 def counterfactual_probe(predict: Predictor, texts: Sequence[str], directions: Sequence[dict], *,

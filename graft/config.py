@@ -116,7 +116,7 @@ class TrainParams(_Section):
     batch_size: int = Field(16, gt=0, description="Examples per optimizer step (the global batch under torchrun).")
     grad_accumulation: int = Field(1, gt=0, description="Micro-batches per optimizer step (same update, less memory).")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with linear warm-up.")
-    patience: int | None = Field(2, gt=0, description="Stop after this many epochs without a better val accuracy; null: never.")
+    patience: int | None = Field(1, gt=0, description="Stop after this many epochs without a better val accuracy; null: never.")
     cache_frozen: bool = Field(True, description="Compute frozen layers' outputs once and reuse them (exact).")
     checkpoint_every: int = Field(0, ge=0, description="Also checkpoint every N optimizer steps (0: at epoch ends only).")
     compile: bool = Field(False, description="torch.compile the trained model (pays off on long GPU runs).")
@@ -145,7 +145,7 @@ class EvaluateParams(_Section):
     finding_flip_rate: float = Field(0.05, ge=0, le=1, description="Flip rate reported as a finding (Giskard's scan: 5%).")
     major_flip_rate: float = Field(0.10, ge=0, le=1, description="Flip rate reported as a major finding (Giskard: 10%).")
     tv_tolerance: float = Field(0.1, ge=0, le=1, description="Probability change that counts (CheckList's invariance tolerance).")
-    max_probe_texts: int = Field(200, gt=0, description="Test texts per swap direction and per perturbation (seeded sample).")
+    max_probe_texts: int = Field(200, gt=0, description="Test texts per identity group swapped (only texts where the swap is within the model's window) and per perturbation (seeded samples).")
     examples: int = Field(3, ge=0, description="Texts shown per probe: those whose prediction moved most.")
     identity_terms: str = Field("graft/probes/identity_terms.csv", min_length=1,
                                 description="axis,group,term CSV of identity terms swapped by counterfactual probes.")

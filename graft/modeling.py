@@ -169,6 +169,31 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
+def _map_ids(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    ids: Sequence[Sequence[int]],
+    *,
+    width: int,
+    rows: Callable,
+    batch_size: int,
+    device: torch.device,
+    desc: str,
+) -> np.ndarray:
+    """Run `model` over token ids in length-sorted, dynamically padded batches; `rows(outputs,
+    inputs)` gives one output row per sequence. The result is in the order of `ids`."""
+    model.eval().to(device)
+    out = np.zeros((len(ids), width), dtype=np.float32)
+    batches = length_sorted_batches([len(x) for x in ids], batch_size)
+    with torch.inference_mode():
+        for batch in tqdm(batches, desc=desc, unit="batch", mininterval=1.0, leave=False):
+            inputs = collate(tokenizer, [list(ids[i]) for i in batch], device)
+            with autocast(device):
+                outputs = model(**inputs)
+            out[batch] = rows(outputs, inputs).float().cpu().numpy()
+    return out
+
+
 def _map_batches(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -181,19 +206,68 @@ def _map_batches(
     device: torch.device,
     desc: str,
 ) -> np.ndarray:
-    """Run `model` over length-sorted, dynamically padded batches; `rows(outputs, inputs)` gives
-    one output row per text. The result is in the order of `texts`."""
-    model.eval().to(device)
-    ids = tokenize(tokenizer, texts, max_length)
-    out = np.zeros((len(ids), width), dtype=np.float32)
-    batches = length_sorted_batches([len(x) for x in ids], batch_size)
-    with torch.inference_mode():
-        for batch in tqdm(batches, desc=desc, unit="batch", mininterval=1.0, leave=False):
-            inputs = collate(tokenizer, [ids[i] for i in batch], device)
-            with autocast(device):
-                outputs = model(**inputs)
-            out[batch] = rows(outputs, inputs).float().cpu().numpy()
-    return out
+    """`_map_ids` over texts, tokenized (and truncated) first."""
+    return _map_ids(model, tokenizer, tokenize(tokenizer, texts, max_length), width=width, rows=rows,
+                    batch_size=batch_size, device=device, desc=desc)
+
+
+class MemoScorer:
+    """Texts -> one row each (embeddings or class probabilities) from one model, computing each
+    distinct token sequence once. Exact: the model sees token ids only, so texts that tokenize
+    alike (a casing change under an uncased vocabulary, extra whitespace, an edit past the
+    truncation point) share a row. Evaluation scores the test set, counterfactual swaps,
+    perturbations and template probes through one of these per model."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, rows: Callable, width: int,
+                 max_length: int, batch_size: int, device: torch.device, desc: str) -> None:
+        self.model, self.tokenizer, self.rows, self.width = model, tokenizer, rows, width
+        self.max_length, self.batch_size, self.device, self.desc = max_length, batch_size, device, desc
+        self.memo: dict[tuple[int, ...], np.ndarray] = {}
+        self.forwarded = 0  # sequences that went through the model
+
+    def _keys(self, texts: Sequence[str]) -> list[tuple[int, ...]]:
+        return [tuple(x) for x in tokenize(self.tokenizer, texts, self.max_length)] if len(texts) else []
+
+    def seed(self, texts: Sequence[str], values: np.ndarray) -> None:
+        """Rows already computed elsewhere (the features stage's embeddings) for these texts."""
+        if len(texts) != len(values):
+            raise GraftError(f"{self.desc}: {len(texts)} texts but {len(values)} precomputed rows")
+        for key, row in zip(self._keys(texts), np.asarray(values, dtype=np.float32), strict=True):
+            self.memo.setdefault(key, row)
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        keys = self._keys(texts)
+        missing = list(dict.fromkeys(k for k in keys if k not in self.memo))
+        if missing:
+            values = _map_ids(self.model, self.tokenizer, missing, width=self.width, rows=self.rows,
+                              batch_size=self.batch_size, device=self.device, desc=self.desc)
+            self.memo.update(zip(missing, values, strict=True))
+            self.forwarded += len(missing)
+        if not keys:
+            return np.zeros((0, self.width), dtype=np.float32)
+        return np.stack([self.memo[k] for k in keys])
+
+
+def _pooled(out, inputs) -> torch.Tensor:
+    return mean_pool(out.last_hidden_state.float(), inputs["attention_mask"])
+
+
+def _softmax(out, _inputs) -> torch.Tensor:
+    return torch.softmax(out.logits.float(), dim=-1)
+
+
+def embedding_scorer(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, max_length: int,
+                     batch_size: int, device: torch.device, desc: str = "embed") -> MemoScorer:
+    """Mean-pooled embeddings of a frozen backbone, memoised by token ids."""
+    return MemoScorer(encoder, tokenizer, rows=_pooled, width=encoder.config.hidden_size, max_length=max_length,
+                      batch_size=batch_size, device=device, desc=desc)
+
+
+def proba_scorer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, max_length: int,
+                 batch_size: int, device: torch.device, desc: str = "predict") -> MemoScorer:
+    """Class probabilities of a sequence classifier, memoised by token ids."""
+    return MemoScorer(model, tokenizer, rows=_softmax, width=model.config.num_labels, max_length=max_length,
+                      batch_size=batch_size, device=device, desc=desc)
 
 
 def embed(
@@ -209,7 +283,7 @@ def embed(
     """Mean-pooled embeddings of the frozen backbone, in the order of `texts`."""
     return _map_batches(
         encoder, tokenizer, texts, width=encoder.config.hidden_size,
-        rows=lambda out, inputs: mean_pool(out.last_hidden_state.float(), inputs["attention_mask"]),
+        rows=_pooled,
         max_length=max_length, batch_size=batch_size, device=device, desc=desc,
     )
 
@@ -227,6 +301,6 @@ def predict_proba(
     """Class probabilities of a sequence classifier, in the order of `texts`."""
     return _map_batches(
         model, tokenizer, texts, width=model.config.num_labels,
-        rows=lambda out, _: torch.softmax(out.logits.float(), dim=-1),
+        rows=_softmax,
         max_length=max_length, batch_size=batch_size, device=device, desc=desc,
     )

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+from safetensors.torch import load_file
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import confusion_matrix, f1_score
 
@@ -29,12 +31,15 @@ from graft.errors import GraftError, exits_cleanly
 from graft.files import atomic_path, atomic_write_text, read_json, write_json
 from graft.layout import Layout, require
 from graft.modeling import (
-    embed,
+    PROBE_HEAD_FILE,
+    MemoScorer,
+    embedding_scorer,
     load_classifier,
     load_encoder,
     load_tokenizer,
-    predict_proba,
+    proba_scorer,
     select_device,
+    tokenize,
 )
 from graft.report import (
     candidates_png,
@@ -73,50 +78,114 @@ def cached(predict: Predictor) -> Predictor:
 
 
 def transformer_predictor(model_dir: Path, params: config.Params, device, name: str) -> Predictor:
-    """A saved classifier as texts -> probabilities, through the length-sorted inference loop."""
+    """A saved classifier as texts -> probabilities, through the length-sorted inference loop,
+    each distinct token sequence scored once."""
     trust = params.model.trust_remote_code
     tokenizer, model = load_tokenizer(model_dir, trust_remote_code=trust), load_classifier(model_dir, trust_remote_code=trust)
-    return lambda texts: predict_proba(model, tokenizer, texts, max_length=params.model.max_length,
-                                       batch_size=params.features.batch_size, device=device, desc=name)
+    return proba_scorer(model, tokenizer, max_length=params.model.max_length, batch_size=params.features.batch_size,
+                        device=device, desc=name)
 
 
-def backbone_probe(pretrained_dir: Path, params: config.Params, device, *, texts: Sequence[str],
-                   labels: np.ndarray, n_classes: int) -> Predictor:
-    """Logistic regression on the frozen backbone's mean-pooled embeddings: what pretraining alone
-    brings, before fine-tuning moves any weight."""
+def backbone_scorer(layout: Layout, params: config.Params, device, splits: Mapping[str, pd.DataFrame]) -> MemoScorer:
+    """The frozen backbone's mean-pooled embeddings, seeded with the features stage's cached
+    embeddings of every split: the probes below pay a forward pass only for new texts."""
     trust = params.model.trust_remote_code
-    tokenizer, encoder = load_tokenizer(pretrained_dir, trust_remote_code=trust), load_encoder(pretrained_dir, trust_remote_code=trust)
+    scorer = embedding_scorer(load_encoder(layout.pretrained_dir, trust_remote_code=trust),
+                              load_tokenizer(layout.pretrained_dir, trust_remote_code=trust),
+                              max_length=params.model.max_length, batch_size=params.features.batch_size,
+                              device=device, desc=BACKBONE_PROBE)
+    for split, frame in splits.items():
+        cached_rows = np.load(layout.features_file(split))
+        if len(cached_rows) != len(frame):
+            raise GraftError(f"{layout.features_file(split)}: {len(cached_rows)} rows, but "
+                             f"{layout.split_file(split)} has {len(frame)}; run the features stage again")
+        scorer.seed(frame["text"].tolist(), cached_rows)
+    return scorer
 
-    def features(batch: Sequence[str]) -> np.ndarray:
-        return embed(encoder, tokenizer, batch, max_length=params.model.max_length,
-                     batch_size=params.features.batch_size, device=device, desc=BACKBONE_PROBE)
 
+def head_predictor(embeddings: Callable[[Sequence[str]], np.ndarray], weight: np.ndarray, bias: np.ndarray) -> Predictor:
+    """A linear head over mean-pooled embeddings, as texts -> softmax probabilities."""
+    def predict(texts: Sequence[str]) -> np.ndarray:
+        logits = embeddings(texts) @ weight.T + bias
+        logits -= logits.max(1, keepdims=True)
+        e = np.exp(logits)
+        return (e / e.sum(1, keepdims=True)).astype(np.float32)
+
+    return predict
+
+
+def shares_backbone(model_dir: Path, backbone: torch.nn.Module) -> bool:
+    """Whether a probe model's encoder weights are the backbone's, tensor for tensor."""
+    theirs = load_file(str(Path(model_dir) / "model.safetensors"))
+    ours = {k: v for k, v in backbone.state_dict().items() if not k.endswith("position_ids")}
+    prefix = getattr(backbone, "base_model_prefix", "") + "."
+    theirs = {k.removeprefix(prefix): v for k, v in theirs.items() if not k.endswith("position_ids")}
+    return theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+
+
+def probe_predictor(model_dir: Path, params: config.Params, device, name: str, backbone: MemoScorer) -> Predictor:
+    """A linear-probe candidate: its head over the shared backbone embeddings when its encoder is
+    the backbone (always, for graft's own probes), else as its own model."""
+    if shares_backbone(model_dir, backbone.model):
+        head = load_file(str(Path(model_dir) / PROBE_HEAD_FILE))
+        return head_predictor(backbone, head["weight"].numpy(), head["bias"].numpy())
+    return transformer_predictor(model_dir, params, device, name)
+
+
+def backbone_probe(scorer: MemoScorer, params: config.Params, *, train_texts: Sequence[str], labels: np.ndarray,
+                   n_classes: int) -> Predictor:
+    """Logistic regression on the frozen backbone's mean-pooled embeddings: what pretraining alone
+    brings, before fine-tuning moves any weight. Trained on the cached train embeddings."""
     clf = LogisticRegression(C=params.evaluate.probe_C, max_iter=2000, random_state=params.seed)
-    clf.fit(features(texts), labels)
+    clf.fit(scorer(train_texts), labels)
 
     def predict(batch: Sequence[str]) -> np.ndarray:
         out = np.zeros((len(batch), n_classes), dtype=np.float32)
         if len(batch):
-            out[:, clf.classes_] = clf.predict_proba(features(batch))  # classes missing from train get 0
+            out[:, clf.classes_] = clf.predict_proba(scorer(batch))  # classes missing from train get 0
         return out
 
     return predict
 
 
-def load_candidates(layout: Layout, params: config.Params, *, train: pd.DataFrame,
-                    n_classes: int) -> tuple[dict[str, Predictor], dict]:
+def window_changes(layout: Layout, params: config.Params) -> Callable[[Sequence[str], Sequence[str]], np.ndarray]:
+    """Whether an edit changes the backbone tokenizer's truncated ids: what the models see."""
+    tokenizer = load_tokenizer(layout.pretrained_dir, trust_remote_code=params.model.trust_remote_code)
+
+    def changes(originals: Sequence[str], edited: Sequence[str]) -> np.ndarray:
+        if not len(originals):
+            return np.zeros(0, dtype=bool)
+        before = tokenize(tokenizer, originals, params.model.max_length)
+        after = tokenize(tokenizer, edited, params.model.max_length)
+        return np.array([a != b for a, b in zip(before, after, strict=True)], dtype=bool)
+
+    return changes
+
+
+def load_candidates(layout: Layout, params: config.Params, *, splits: Mapping[str, pd.DataFrame],
+                    n_classes: int) -> tuple[dict[str, Predictor], dict, dict[str, MemoScorer]]:
     """Every candidate the train stage wrote (its manifest names them and the one proposed on
-    validation), plus the frozen-backbone probe, as predictors."""
-    require(layout.candidates, layout.baselines_dir, layout.pretrained_dir, root=layout.root)
+    validation), plus the frozen-backbone probe, as predictors; and the model scorers behind
+    them (their `forwarded` counts say how much model work evaluation did)."""
+    require(layout.candidates, layout.baselines_dir, layout.pretrained_dir, *(layout.features_file(s) for s in splits),
+            root=layout.root)
     manifest = read_json(layout.candidates)
     device = select_device()
+    backbone = backbone_scorer(layout, params, device, splits)
+    scorers = {BACKBONE_PROBE: backbone}
     predictors: dict[str, Predictor] = {}
     for name, cand in manifest["candidates"].items():
         path = Path(layout.root) / cand["path"]
-        predictors[name] = load_tfidf(path) if cand["kind"] == "tfidf" else transformer_predictor(path, params, device, name)
-    predictors[BACKBONE_PROBE] = backbone_probe(layout.pretrained_dir, params, device, texts=train["text"].tolist(),
+        if cand["kind"] == "tfidf":
+            predictors[name] = load_tfidf(path)
+        elif (path / PROBE_HEAD_FILE).exists():
+            predictors[name] = probe_predictor(path, params, device, name, backbone)
+        else:
+            predictors[name] = scorers[name] = transformer_predictor(path, params, device, name)
+    train = splits["train"]
+    predictors[BACKBONE_PROBE] = backbone_probe(backbone, params, train_texts=train["text"].tolist(),
                                                 labels=train["label_id"].to_numpy(), n_classes=n_classes)
-    return predictors, manifest
+    return predictors, manifest, scorers
 
 
 def gate(params: config.GateParams, *, metrics: Mapping, verdict: Mapping, group_gap: float | None,
@@ -151,10 +220,13 @@ def assess(
     predictors: Mapping[str, Predictor], *, params: config.Params, layout: Layout,
     train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, classes: list[str], group_columns: Sequence[str],
     domain_column: str | None = None, proposed: str = PROPOSED, transferred: Sequence[str] = (PROPOSED,),
+    visible: Callable[[Sequence[str], Sequence[str]], np.ndarray] | None = None,
 ) -> dict:
     """Everything evaluate reports, from predictors and data frames (no model files): tests call it
     with planted models. `proposed` is the candidate train chose on validation; `transferred` names
-    every candidate that starts from the pretrained backbone."""
+    every candidate that starts from the pretrained backbone. `visible(originals, edited)` says
+    which edits change what the transformer models see (counterfactual swaps past the
+    truncation point are left out)."""
     e, n_classes = params.evaluate, len(classes)
     predictors = {name: cached(p) for name, p in predictors.items()}
     test_texts, val_texts = test["text"].tolist(), val["text"].tolist()
@@ -182,7 +254,8 @@ def assess(
 
     # bias: counterfactual swaps, template probes, groups, co-occurrence
     axes = load_identity_terms(_resolve(e.identity_terms, layout))
-    directions = counterfactual_pairs(test_texts, axes, max_texts=e.max_probe_texts, seed=params.seed)
+    directions = counterfactual_pairs(test_texts, axes, max_texts=e.max_probe_texts, seed=params.seed,
+                                      visible=visible)
     thresholds = {"finding_flip_rate": e.finding_flip_rate, "major_flip_rate": e.major_flip_rate,
                   "tv_tolerance": e.tv_tolerance}
     counterfactual = {
@@ -283,11 +356,11 @@ def evaluate(params: config.Params, *, layout: Layout | None = None) -> dict:
         missing = {"text", "label", "label_id"} - set(splits[name].columns)
         if missing:
             raise GraftError(f"{layout.split_file(name)}: missing column(s) {sorted(missing)}")
-    predictors, manifest = load_candidates(layout, params, train=splits["train"], n_classes=len(classes))
+    predictors, manifest, scorers = load_candidates(layout, params, splits=splits, n_classes=len(classes))
     transferred = [n for n, c in manifest["candidates"].items() if c["role"] == "transfer"]
     result = assess(predictors, params=params, layout=layout, **splits, classes=classes,
                     group_columns=group_columns, domain_column=domain_column, proposed=manifest["proposed"],
-                    transferred=transferred)
+                    transferred=transferred, visible=window_changes(layout, params))
     images = plots(result, classes)
     for name, png in images.items():
         if png is not None:
@@ -297,6 +370,7 @@ def evaluate(params: config.Params, *, layout: Layout | None = None) -> dict:
                                    "predicted": [classes[i] for i in result["predictions"][result["proposed"]]]})
     atomic_write_text(layout.plots_dir / "confusion.csv", confusion_rows.to_csv(index=False))
     result["metrics"]["evaluate_seconds"] = round(time.perf_counter() - started, 2)
+    result["metrics"]["forward_passes"] = {name: s.forwarded for name, s in scorers.items()}
     write_json(layout.metrics, result["metrics"])
     write_json(layout.transfer, result["transfer"])
     write_json(layout.bias, result["bias"])

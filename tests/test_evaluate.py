@@ -36,7 +36,7 @@ from graft.robustness import perturb, robustness_probe
 from graft.stats import bootstrap_indices, bootstrap_scores, transfer_verdict, with_intervals
 from tasks.evaluate import assess, gate
 
-from .conftest import make_workspace, pin_sources, tiny_params
+from .conftest import NEWS_CSV, make_workspace, pin_sources, tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -238,6 +238,45 @@ def test_swaps_keep_casing_and_pairs_and_skip_substrings():
     directions = counterfactual_pairs(["he ran", "nothing here", "she ran"], [axis], max_texts=10, seed=0)
     assert [(d["source"], list(d["rows"]), d["swapped"]) for d in directions] == [
         ("male", [0], ["she ran"]), ("female", [2], ["he ran"])]
+
+
+def test_swaps_the_model_cannot_see_are_left_out_and_wide_axes_deal_one_target_per_text():
+    axis = IdentityAxis("religion", {"a": ["alpha"], "b": ["beta"], "c": ["gamma"], "d": ["delta"]})
+    texts = [f"text {i} about alpha" for i in range(12)] + ["alpha only past the window"]
+    seen = lambda before, after: np.array(["window" not in b for b in before])  # noqa: E731
+    directions = counterfactual_pairs(texts, [axis], max_texts=100, seed=0, visible=seen)
+    from_a = [d for d in directions if d["source"] == "a"]
+    rows = np.concatenate([d["rows"] for d in from_a])
+    # every visible text is swapped exactly once, the invisible one never, and each target gets a share
+    assert sorted(rows.tolist()) == list(range(12))
+    assert sorted(len(d["rows"]) for d in from_a) == [4, 4, 4]
+    for d in from_a:
+        assert all(s == texts[i].replace("alpha", axis.groups[d["target"]][0]) for i, s in zip(d["rows"], d["swapped"], strict=True))
+
+
+def test_memo_scorer_scores_each_token_sequence_once_and_matches_the_plain_loop(tiny_model_dir: Path):
+    import torch
+
+    from graft.modeling import embed, embedding_scorer, load_encoder, load_tokenizer, tokenize
+
+    encoder, tokenizer = load_encoder(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    texts = pd.read_csv(NEWS_CSV)["text"].tolist()[:10]
+    cpu = torch.device("cpu")
+    scorer = embedding_scorer(encoder, tokenizer, max_length=16, batch_size=4, device=cpu)
+    plain = embed(encoder, tokenizer, texts, max_length=16, batch_size=4, device=cpu)
+    np.testing.assert_allclose(scorer(texts), plain, atol=1e-5)
+    distinct = len({tuple(ids) for ids in tokenize(tokenizer, texts, 16)})
+    assert scorer.forwarded == distinct
+    # an uncased vocabulary: upper case, doubled spaces and edits past the window tokenize alike
+    long = [i for i, ids in enumerate(tokenize(tokenizer, texts, 512)) if len(ids) > 16]
+    assert long, "the fixture needs texts longer than the window"
+    edited = [t.upper() for t in texts] + ["  " + t.replace(" ", "  ") for t in texts] + [texts[i] + " kitchen" for i in long]
+    np.testing.assert_allclose(scorer(edited), np.concatenate([plain, plain, plain[long]]), atol=1e-5)
+    assert scorer.forwarded == distinct
+    seeded = embedding_scorer(encoder, tokenizer, max_length=16, batch_size=4, device=cpu)
+    seeded.seed(texts, plain)
+    seeded(texts + ["kitchen robot league"])
+    assert seeded.forwarded == 1
 
 
 def test_counterfactual_probe_batches_all_swaps_in_one_call():
