@@ -96,6 +96,12 @@ class Layout:
         return self.finetuned_dir / "candidates.json"
 
     @property
+    def val_predictions(self) -> Path:
+        """Each transformer candidate's validation probabilities from its best epoch (with the
+        val row ids): evaluate reuses them instead of predicting validation again."""
+        return self.finetuned_dir / "val_predictions.npz"
+
+    @property
     def checkpoints_dir(self) -> Path:
         """Resume state of the train stage: git-ignored, in .dvcignore, never a DVC output."""
         return self._p("models/checkpoints")

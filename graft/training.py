@@ -225,19 +225,22 @@ def _collate_hidden(items: Sequence[torch.Tensor], device: torch.device) -> dict
     return {"inputs_embeds": hidden.to(device, non_blocking=True), "attention_mask": mask.to(device, non_blocking=True)}
 
 
-def accuracy(model: torch.nn.Module, examples: Sequence, labels: np.ndarray, lengths: Sequence[int], *, collate,
-             batch_size: int, device: torch.device) -> float:
-    """Validation accuracy over length-sorted batches."""
+def val_probabilities(model: torch.nn.Module, examples: Sequence, lengths: Sequence[int], *, collate,
+                      batch_size: int, device: torch.device) -> np.ndarray:
+    """Class probabilities over length-sorted batches, in the order of `examples`."""
     model.eval()
-    right = 0
+    out: np.ndarray | None = None
     order = sorted(range(len(examples)), key=lambda i: lengths[i])
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             with autocast(device):
                 logits = model(**collate([examples[i] for i in batch])).logits
-            right += int((logits.argmax(-1).cpu().numpy() == labels[batch]).sum())
-    return right / max(len(examples), 1)
+            proba = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+            if out is None:
+                out = np.zeros((len(examples), proba.shape[1]), dtype=np.float32)
+            out[batch] = proba
+    return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -316,6 +319,9 @@ def _restore(named: Sequence[tuple[str, torch.nn.Parameter]], weights: dict[str,
     with torch.no_grad():
         for name, param in named:
             param.copy_(weights[name].to(param.device))
+
+
+VAL_PROBA = "__val_proba__"
 
 
 def fingerprint_of(*parts: Any) -> str:
@@ -451,8 +457,9 @@ def fit(
                     checkpoint()
             train_seconds = time.perf_counter() - tick
 
-            val_accuracy = accuracy(model, val_x, val_labels, val_lengths, collate=collate,
-                                    batch_size=s.eval_batch_size, device=device)
+            val_proba = val_probabilities(model, val_x, val_lengths, collate=collate,
+                                          batch_size=s.eval_batch_size, device=device)
+            val_accuracy = float((val_proba.argmax(1) == val_labels).mean()) if len(val_x) else 0.0
             train_loss = _all_sum(progress["epoch_loss"], device) / len(train_ids)
             progress["history"].append({
                 "epoch": epoch, "train_loss": train_loss, "val_accuracy": val_accuracy,
@@ -464,14 +471,17 @@ def fit(
                 tqdm.write(f"{desc} epoch {epoch}: train loss {train_loss:.4f}, val accuracy {val_accuracy:.4f}")
             if val_accuracy > progress["best_val_accuracy"]:
                 progress.update(best_epoch=epoch, best_val_accuracy=val_accuracy, bad_epochs=0)
-                best_weights = _snapshot(named)
+                # the best epoch's val probabilities ride with its weights (checkpoints included)
+                best_weights = {**_snapshot(named), VAL_PROBA: torch.from_numpy(val_proba)}
             else:
                 progress["bad_epochs"] += 1
             epoch += 1
             stop = s.patience is not None and progress["bad_epochs"] >= s.patience
             progress.update(epoch=epoch, epoch_loss=0.0, done=stop or epoch > s.epochs)
             checkpoint()
+    best_val_proba = None
     if best_weights is not None:
+        best_val_proba = best_weights[VAL_PROBA].numpy() if VAL_PROBA in best_weights else None
         _restore(named, best_weights)
     history = progress["history"]
     return {
@@ -485,6 +495,7 @@ def fit(
         "cache_seconds": round(cache_seconds, 3),
         "seconds": round(time.perf_counter() - started, 3),
         "settings": asdict(s),
+        "val_proba": best_val_proba,
     }
 
 

@@ -162,6 +162,20 @@ def window_changes(layout: Layout, params: config.Params) -> Callable[[Sequence[
     return changes
 
 
+def reuse_val_predictions(layout: Layout, val: pd.DataFrame, scorers: Mapping[str, MemoScorer]) -> None:
+    """Seed each transformer candidate's scorer with the validation probabilities its best epoch
+    produced in train (same weights, same texts), when they are for this val split."""
+    if not layout.val_predictions.exists():
+        return
+    with np.load(layout.val_predictions, allow_pickle=False) as saved:
+        if "ids" not in saved or saved["ids"].tolist() != val["id"].astype(str).tolist():
+            return  # written for another split: predict validation again
+        for name, scorer in scorers.items():
+            key = f"proba/{name}"
+            if key in saved and name != BACKBONE_PROBE:
+                scorer.seed(val["text"].tolist(), saved[key])
+
+
 def load_candidates(layout: Layout, params: config.Params, *, splits: Mapping[str, pd.DataFrame],
                     n_classes: int) -> tuple[dict[str, Predictor], dict, dict[str, MemoScorer]]:
     """Every candidate the train stage wrote (its manifest names them and the one proposed on
@@ -182,6 +196,7 @@ def load_candidates(layout: Layout, params: config.Params, *, splits: Mapping[st
             predictors[name] = probe_predictor(path, params, device, name, backbone)
         else:
             predictors[name] = scorers[name] = transformer_predictor(path, params, device, name)
+    reuse_val_predictions(layout, splits["val"], scorers)
     train = splits["train"]
     predictors[BACKBONE_PROBE] = backbone_probe(backbone, params, train_texts=train["text"].tolist(),
                                                 labels=train["label_id"].to_numpy(), n_classes=n_classes)

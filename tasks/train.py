@@ -85,6 +85,7 @@ def train_transformer(params: config.Params, strategy: str, *, classes: list[str
                                  sha256_file(layout.manifest), params.seed, world, data_digest)
     result = fit(model, tokenizer, **data, settings=settings, param_groups=groups, device=device, freeze_layers=frozen,
                  checkpoint_dir=checkpoints_dir(layout) / strategy, fingerprint=fingerprint, desc=strategy)
+    val_proba = result.pop("val_proba")
     trainable = sum(p.numel() for g in groups for p in g["params"])
     if strategy == "lora":
         model = model.merge_and_unload()  # a plain model: loaders need neither peft nor the adapter
@@ -99,7 +100,7 @@ def train_transformer(params: config.Params, strategy: str, *, classes: list[str
         "epochs": epochs,
         "seed": params.seed,
     }
-    return model.cpu(), state
+    return model.cpu(), state, val_proba
 
 
 def train_probe(params: config.Params, *, classes: list[str], data: dict, layout: Layout, out_dir: Path) -> dict:
@@ -148,14 +149,15 @@ def train(params: config.Params, *, layout: Layout | None = None) -> dict:
     data_digest = fingerprint_of(sha256_file(layout.split_file("train")), sha256_file(layout.split_file("val")))
     tokenizer = load_tokenizer(layout.pretrained_dir, trust_remote_code=params.model.trust_remote_code)
     candidates: dict[str, dict] = {}
+    val_proba: dict[str, np.ndarray | None] = {}
     for strategy in [*params.train.strategies, "scratch"]:
         kind = "baseline" if strategy == "scratch" else "transfer"
         out_dir = layout.baselines_dir / "scratch" if strategy == "scratch" else layout.finetuned_dir / strategy
         if strategy == "linear_probe":
             state = train_probe(params, classes=classes, data=data, layout=layout, out_dir=out_dir) if rank == 0 else {}
         else:
-            model, state = train_transformer(params, strategy, classes=classes, data=data, layout=layout,
-                                             device=device, data_digest=data_digest)
+            model, state, val_proba[strategy] = train_transformer(params, strategy, classes=classes, data=data,
+                                                                  layout=layout, device=device, data_digest=data_digest)
             if rank == 0:
                 save_transformer(model, tokenizer, out_dir, state)
                 # the model is safe on disk: its resume state has served (a kill before this
@@ -180,6 +182,7 @@ def train(params: config.Params, *, layout: Layout | None = None) -> dict:
     report = {"device": device.type, "world_size": world, "torch": torch.__version__, "classes": classes,
               "candidates": candidates, "proposed": proposed}
     write_candidates(layout, params.train.strategies, candidates, proposed, classes)
+    write_val_predictions(layout, val_df["id"].astype(str).to_numpy(), val_proba)
     write_json(layout.train_report, report)
     return report
 
@@ -196,6 +199,14 @@ def write_candidates(layout: Layout, strategies: list[str], candidates: dict, pr
     manifest = {"classes": classes, "proposed": proposed,
                 "candidates": {name: {k: c.get(k) for k in MANIFEST_KEYS} for name, c in candidates.items()}}
     write_json(layout.candidates, manifest)
+
+
+def write_val_predictions(layout: Layout, ids: np.ndarray, val_proba: dict[str, np.ndarray | None]) -> None:
+    """The best epoch's validation probabilities per transformer candidate, keyed by val row id."""
+    arrays = {f"proba/{name}": p for name, p in sorted(val_proba.items()) if p is not None and len(p) == len(ids)}
+    with atomic_path(layout.val_predictions) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, ids=ids.astype(str), **arrays)
 
 
 def launch_under_torchrun(nproc: int) -> int:

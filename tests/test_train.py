@@ -45,6 +45,9 @@ def test_every_strategy_trains_and_loads(prepared: Path, tiny_model_dir: Path):
     assert read_json(layout.train_report) == report
 
     val = pd.read_parquet(layout.split_file("val"))
+    saved = np.load(layout.val_predictions)
+    assert saved["ids"].tolist() == val["id"].astype(str).tolist()
+    assert {f"proba/{n}" for n in ("partial", "full", "lora", "scratch")} <= set(saved.files)
     for name, cand in report["candidates"].items():
         folder = prepared / cand["path"]
         assert folder.is_dir(), name
@@ -60,6 +63,8 @@ def test_every_strategy_trains_and_loads(prepared: Path, tiny_model_dir: Path):
                               device=torch.device("cpu"))
         accuracy = float((proba.argmax(1) == val["label_id"].to_numpy()).mean())
         assert accuracy == pytest.approx(cand["best_val_accuracy"], abs=1e-9), name
+        if f"proba/{name}" in saved.files:  # the best epoch's val probabilities are the saved model's
+            np.testing.assert_allclose(saved[f"proba/{name}"], proba, atol=1e-5, err_msg=name)
     # LoRA is merged: a plain model folder, no adapter files, no peft needed to load it
     assert not list((layout.finetuned_dir / "lora").glob("adapter_*"))
     for name in ("partial", "full", "lora", "scratch"):
