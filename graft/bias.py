@@ -22,7 +22,7 @@ from fairlearn.metrics import MetricFrame, false_negative_rate, false_positive_r
 from sklearn.metrics import accuracy_score, f1_score
 
 from graft.errors import GraftError
-from graft.stats import bootstrap_scores, interval, stratified_group_means
+from graft.stats import bootstrap_scores, interval
 
 Predictor = Callable[[Sequence[str]], np.ndarray]
 PROBES_DIR = Path(__file__).parent / "probes"
@@ -270,23 +270,34 @@ def load_template_probes(path: Path) -> tuple[pd.DataFrame, list[str]]:
 def template_probe(predict: Predictor, frame: pd.DataFrame, axes: Sequence[str], classes: Sequence[str], *,
                    samples: int, confidence: float, seed: int, proba: np.ndarray | None = None) -> dict:
     """Per-group mean predicted probability of each class on every axis, and the largest gap
-    between groups per class with a bootstrap interval."""
+    between groups per class with a bootstrap interval.
+
+    The template is the unit: a group's mean is the mean over templates of its rows' mean in
+    that template, and the bootstrap resamples templates, so every resample compares the same
+    sentences with only the identity term changed (resampling rows instead would mix a
+    template's sentiment into the gap). Templates that lack a group on an axis are left out of
+    that axis."""
     proba = proba if proba is not None else predict(frame["text"].tolist())
     out = {}
     for axis in axes:
         mask = frame[axis].to_numpy() != ""
-        groups = frame[axis].to_numpy()[mask]
-        if len(set(groups)) < 2:
+        groups, templates = frame[axis].to_numpy()[mask], frame["template"].to_numpy()[mask]
+        names = sorted(set(groups))
+        if len(names) < 2:
             continue
-        means = {g: proba[mask][groups == g].mean(0) for g in sorted(set(groups))}
-        boot = stratified_group_means(proba[mask], groups, samples, seed)
-        stacked_means = np.stack(list(means.values()))
-        stacked_boot = np.stack(list(boot.values()))  # groups x samples x classes
-        gaps = np.ptp(stacked_means, axis=0)
-        boot_gaps = np.ptp(stacked_boot, axis=0)
+        cells = pd.DataFrame(proba[mask]).groupby([templates, groups]).mean()
+        full = [t for t in dict.fromkeys(templates) if all((t, g) in cells.index for g in names)]
+        if not full:
+            continue
+        per_template = np.stack([[cells.loc[(t, g)].to_numpy() for g in names] for t in full])  # T x G x K
+        means = per_template.mean(0)
+        idx = np.random.default_rng(seed).integers(0, len(full), size=(samples, len(full)))
+        boot_gaps = np.ptp(per_template[idx].mean(1), axis=1)  # samples x K
+        gaps = np.ptp(means, axis=0)
         out[axis] = {
             "n": int(mask.sum()),
-            "mean_proba": {g: dict(zip(classes, m.tolist(), strict=True)) for g, m in means.items()},
+            "templates": len(full),
+            "mean_proba": {g: dict(zip(classes, m.tolist(), strict=True)) for g, m in zip(names, means, strict=True)},
             "gap": dict(zip(classes, gaps.tolist(), strict=True)),
             "gap_ci": {c: interval(boot_gaps[:, k], confidence) for k, c in enumerate(classes)},
             "max_gap": float(gaps.max()),

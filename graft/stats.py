@@ -127,18 +127,3 @@ def verdict_sentence(verdict: Mapping, proposed: str = "finetune") -> str:
         "negative": f"Negative transfer: the best baseline is significantly better than {proposed} ({detail}).",
     }
     return words[verdict["verdict"]]
-
-
-def stratified_group_means(values: np.ndarray, groups: np.ndarray, samples: int, seed: int) -> dict:
-    """Bootstrap the per-group mean of `values` (rows x k), resampling within each group.
-
-    Returns {group: (samples, k) array}; used for gaps between groups whose intervals must hold
-    every group's size fixed.
-    """
-    rng = np.random.default_rng(seed)
-    out = {}
-    for group in sorted(set(groups.tolist()), key=str):
-        rows = values[groups == group]
-        idx = rng.integers(0, len(rows), size=(samples, len(rows)))
-        out[group] = rows[idx].mean(1)
-    return out

@@ -313,6 +313,10 @@ def test_template_probe_gap_is_zero_for_a_model_blind_to_identity():
     frame, axes = load_template_probes(REPO / "graft/probes/sentiment_templates.csv")
     result = template_probe(keyword_model(), frame, axes, CLASSES, samples=100, confidence=0.95, seed=0)
     assert result["gender"]["max_gap"] == 0.0 and result["ethnicity"]["max_gap"] == 0.0
+    # templates are resampled whole, so a model blind to identity has a gap interval of exactly 0
+    # even though its probabilities differ from template to template
+    assert result["gender"]["templates"] == frame["template"].nunique()
+    assert all(high == 0.0 for axis in ("gender", "ethnicity") for _, high in result[axis]["gap_ci"].values())
 
     def keyed_on_women(texts):  # "sport" whenever the subject is a woman
         out = np.full((len(texts), 2), [0.9, 0.1])
