@@ -126,8 +126,9 @@ def render_html(*, transfer: Mapping, gate: Mapping, bias: Mapping, robustness: 
         c["name"] for c in gate["checks"] if not c["passed"])
     parts["verdict"] = (f"<p class='verdict {html.escape(verdict)}'>{html.escape(verdict_sentence(transfer, transfer['proposed']))}</p>"
                         f"<p>Gate {html.escape(gate_words)}.</p>")
+    level = f"{round(100 * transfer.get('confidence', 0.95))}%"
     parts["candidates"] = _table(
-        ["candidate", "role", "test accuracy", "95% interval", "macro-F1", "interval"],
+        ["candidate", "role", "test accuracy", f"accuracy {level} interval", "test macro-F1", f"macro-F1 {level} interval"],
         [[n, c["role"], c["test"]["accuracy"], "[{:.3f}, {:.3f}]".format(*c["test"]["accuracy_ci"]),
           c["test"]["macro_f1"], "[{:.3f}, {:.3f}]".format(*c["test"]["macro_f1_ci"])]
          for n, c in transfer["candidates"].items()]) + _img(plots.get("candidates"), "candidates")
@@ -138,7 +139,7 @@ def render_html(*, transfer: Mapping, gate: Mapping, bias: Mapping, robustness: 
             for cand, g in per_candidate.items():
                 rows += [[column, cand, metric, gap, "[{:.3f}, {:.3f}]".format(*g["gap_ci"][metric])
                           if metric in g["gap_ci"] else None] for metric, gap in g["gaps"].items()]
-        parts["groups"] = _table(["column", "candidate", "metric", "largest gap", "interval"], rows) + _img(
+        parts["groups"] = _table(["column", "candidate", "metric", "largest gap", f"gap {level} interval"], rows) + _img(
             plots.get("groups"), "per-group accuracy")
     else:
         parts["groups"] = "<p>The data has no group columns (<code>data.group_columns</code>); no per-group metrics.</p>"
@@ -157,7 +158,7 @@ def render_html(*, transfer: Mapping, gate: Mapping, bias: Mapping, robustness: 
         rows = [[axis, c, r["max_gap"], json.dumps({k: [round(x, 3) for x in v] for k, v in r["gap_ci"].items()})]
                 for c, per in tp["candidates"].items() for axis, r in per.items()]
         parts["templates"] = f"<p>Probe file: <code>{html.escape(str(tp.get('file')))}</code></p>" + _table(
-            ["axis", "candidate", "largest gap in mean probability", "interval per class"], rows)
+            ["axis", "candidate", "largest gap in mean probability", f"gap {level} interval per class (templates resampled)"], rows)
     else:
         parts["templates"] = "<p>No template probes configured (<code>evaluate.template_probes</code>).</p>"
     rows = [[axis, group, g["texts"], json.dumps(g["per_label"]), ", ".join(g["absent_terms"][:12])]
@@ -186,7 +187,7 @@ def render_html(*, transfer: Mapping, gate: Mapping, bias: Mapping, robustness: 
 def summary_markdown(transfer: Mapping, gate: Mapping, bias: Mapping, robustness: Mapping) -> str:
     """A few lines for a Prefect markdown artifact: verdict, candidates, flip rates, gate."""
     lines = [f"**{verdict_sentence(transfer, transfer['proposed'])}**", "",
-             "| candidate | test accuracy | interval |", "| --- | --- | --- |"]
+             f"| candidate | test accuracy | {round(100 * transfer.get('confidence', 0.95))}% interval |", "| --- | --- | --- |"]
     for name, c in transfer["candidates"].items():
         low, high = c["test"]["accuracy_ci"]
         lines.append(f"| {name} | {c['test']['accuracy']:.4f} | [{low:.4f}, {high:.4f}] |")
