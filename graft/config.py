@@ -120,6 +120,10 @@ class TrainParams(_Section):
     cache_frozen: bool = Field(True, description="Compute frozen layers' outputs once and reuse them (exact).")
     checkpoint_every: int = Field(0, ge=0, description="Also checkpoint every N optimizer steps (0: at epoch ends only).")
     compile: bool = Field(False, description="torch.compile the trained model (pays off on long GPU runs).")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Training steps' precision: auto (bf16 autocast on a GPU, fp32 on the CPU), fp32, or bf16 "
+                            "(bf16 autocast on the CPU too: faster on CPUs with AVX512-BF16/AMX). Validation and "
+                            "evaluation always use auto.")
     nproc_per_node: int = Field(1, gt=0, description="Processes to launch with torchrun (DDP); 1 runs in-process.")
     full: FullParams = FullParams()
     lora: LoraParams = LoraParams()

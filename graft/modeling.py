@@ -36,11 +36,25 @@ def select_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on a GPU; full precision on the CPU, where bf16 is slow and changes results."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """Mixed precision for a forward pass. `auto`: bf16 on a GPU, full precision on the CPU (what
+    inference always uses, so evaluation never depends on the CPU's bf16 support); `bf16`: bf16
+    autocast on either (fast on CPUs with native bf16, e.g. AVX512-BF16 or AMX); `fp32`: none."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision not in ("auto", "bf16", "fp32"):
+        raise GraftError(f"precision {precision!r}: expected auto, bf16 or fp32")
     return contextlib.nullcontext()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 dot products natively (AVX512-BF16 or AMX), read from
+    /proc/cpuinfo (Linux); False where that cannot be told."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def load_tokenizer(model_dir: Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -64,6 +64,7 @@ class FitSettings:
     eval_batch_size: int = 64
     checkpoint_every: int = 0
     compile: bool = False
+    precision: str = "auto"
 
 
 # ---------------------------------------------------------------------------- distributed
@@ -437,7 +438,7 @@ def fit(
                 for k, part in enumerate(micro):
                     sync = k == len(micro) - 1 or world == 1
                     with contextlib.nullcontext() if sync else step_model.no_sync():
-                        with autocast(device):
+                        with autocast(device, s.precision):
                             logits = step_model(**collate([train_x[i] for i in part])).logits
                         targets = torch.as_tensor(train_labels[part], device=device)
                         # summed loss over the global batch size: the gradient is the global-batch

@@ -56,6 +56,7 @@ def _settings(params: config.Params, *, lr: float, epochs: int) -> FitSettings:
         lr=lr, epochs=epochs, batch_size=t.batch_size, weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio,
         grad_accumulation=t.grad_accumulation, max_length=params.model.max_length, seed=params.seed,
         patience=t.patience, cache_frozen=t.cache_frozen, checkpoint_every=t.checkpoint_every, compile=t.compile,
+        precision=t.precision,
     )
 
 

@@ -85,6 +85,21 @@ def test_partial_keeps_frozen_weights_bit_identical(prepared: Path, tiny_model_d
     assert any(not np.array_equal(pretrained[k], tuned[f"bert.{k}"]) for k in trained)
 
 
+def test_bf16_training_steps_change_weights_in_fp32_and_leave_frozen_ones_alone(prepared: Path, tiny_model_dir: Path):
+    layout = Layout(prepared)
+    train(with_train(load_params(prepared), strategies=["partial"], patience=None, precision="fp32"), layout=layout)
+    fp32_weights = load_file(str(layout.finetuned_dir / "partial" / "model.safetensors"))
+    train(with_train(load_params(prepared), strategies=["partial"], patience=None, precision="bf16"), layout=layout)
+    bf16_weights = load_file(str(layout.finetuned_dir / "partial" / "model.safetensors"))
+    pretrained = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert all(v.dtype == np.float32 for v in bf16_weights.values())  # autocast, not a bf16 model
+    for key in (k for k in pretrained if k.startswith(("embeddings.", "encoder.layer.0."))):
+        np.testing.assert_array_equal(pretrained[key], bf16_weights[f"bert.{key}"])
+    trained = [k for k in fp32_weights if k.startswith("bert.encoder.layer.1.") and k.endswith("weight")]
+    # the same run in another precision: close, but not the same numbers
+    assert any(not np.array_equal(fp32_weights[k], bf16_weights[k]) for k in trained)
+
+
 def test_cached_frozen_outputs_match_recomputing_them(prepared: Path):
     layout = Layout(prepared)
     params = with_train(load_params(prepared), strategies=["partial"], patience=None)
