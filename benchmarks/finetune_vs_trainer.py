@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from graft.modeling import build_classifier, freeze_lower_layers, load_tokenizer, seed_everything
+from graft.modeling import build_classifier, cpu_has_native_bf16, freeze_lower_layers, load_tokenizer, seed_everything
 from graft.sources import package_path, read_table
 from graft.training import FitSettings, fit, prepare_strategy
 
@@ -104,7 +104,8 @@ def main() -> None:
         runs["hf_trainer_bf16"].append(run_trainer(model_dir, train, val, classes, a, bf16=True))
     best = {name: max(r, key=lambda x: x["samples_per_s"]) for name, r in runs.items()}
     rate = {name: b["samples_per_s"] for name, b in best.items()}
-    print(json.dumps({"settings": vars(a), "threads": torch.get_num_threads(), "runs": runs, "best": best,  # noqa: T201
+    print(json.dumps({"settings": vars(a), "threads": torch.get_num_threads(), "cpu_native_bf16": cpu_has_native_bf16(),  # noqa: T201
+                      "runs": runs, "best": best,
                       "ratios": {"graft / trainer (both fp32)": rate["graft"] / rate["hf_trainer"],
                                  "graft bf16 / trainer as users run it (fp32)": rate["graft_bf16"] / rate["hf_trainer"],
                                  "graft bf16 / trainer bf16": rate["graft_bf16"] / rate["hf_trainer_bf16"]}},
