@@ -23,7 +23,13 @@ import time
 import numpy as np
 import torch
 
-from graft.modeling import build_classifier, cpu_has_native_bf16, freeze_lower_layers, load_tokenizer, seed_everything
+from graft.modeling import (
+    build_classifier,
+    cpu_has_native_bf16,
+    freeze_lower_layers,
+    load_tokenizer,
+    seed_everything,
+)
 from graft.sources import package_path, read_table
 from graft.training import FitSettings, fit, prepare_strategy
 
