@@ -115,12 +115,16 @@ def head_predictor(embeddings: Callable[[Sequence[str]], np.ndarray], weight: np
 
 
 def shares_backbone(model_dir: Path, backbone: torch.nn.Module) -> bool:
-    """Whether a probe model's encoder weights are the backbone's, tensor for tensor."""
-    theirs = load_file(str(Path(model_dir) / "model.safetensors"))
+    """Whether a probe model's encoder weights are the backbone's, tensor for tensor (a sharded
+    or otherwise named weights file counts as different: the candidate is then scored alone)."""
+    weights = Path(model_dir) / "model.safetensors"
+    if not weights.exists():
+        return False
+    theirs = load_file(str(weights))
     ours = {k: v for k, v in backbone.state_dict().items() if not k.endswith("position_ids")}
     prefix = getattr(backbone, "base_model_prefix", "") + "."
     theirs = {k.removeprefix(prefix): v for k, v in theirs.items() if not k.endswith("position_ids")}
-    return theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+    return theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k].cpu()) for k in ours)
 
 
 def probe_predictor(model_dir: Path, params: config.Params, device, name: str, backbone: MemoScorer) -> Predictor:
