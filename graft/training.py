@@ -480,6 +480,8 @@ def fit(
             stop = s.patience is not None and progress["bad_epochs"] >= s.patience
             progress.update(epoch=epoch, epoch_loss=0.0, done=stop or epoch > s.epochs)
             checkpoint()
+    if device.type == "cpu":
+        torch.set_flush_denormal(False)  # a process-wide switch: leave it as a library caller had it
     best_val_proba = None
     if best_weights is not None:
         best_val_proba = best_weights[VAL_PROBA].numpy() if VAL_PROBA in best_weights else None
