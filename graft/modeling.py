@@ -239,18 +239,19 @@ class MemoScorer:
         self.memo: dict[tuple[int, ...], np.ndarray] = {}
         self.forwarded = 0  # sequences that went through the model
 
-    def _keys(self, texts: Sequence[str]) -> list[tuple[int, ...]]:
+    def keys(self, texts: Sequence[str]) -> list[tuple[int, ...]]:
+        """What the model sees of each text: its truncated token ids."""
         return [tuple(x) for x in tokenize(self.tokenizer, texts, self.max_length)] if len(texts) else []
 
     def seed(self, texts: Sequence[str], values: np.ndarray) -> None:
         """Rows already computed elsewhere (the features stage's embeddings) for these texts."""
         if len(texts) != len(values):
             raise GraftError(f"{self.desc}: {len(texts)} texts but {len(values)} precomputed rows")
-        for key, row in zip(self._keys(texts), np.asarray(values, dtype=np.float32), strict=True):
+        for key, row in zip(self.keys(texts), np.asarray(values, dtype=np.float32), strict=True):
             self.memo.setdefault(key, row)
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        keys = self._keys(texts)
+        keys = self.keys(texts)
         missing = list(dict.fromkeys(k for k in keys if k not in self.memo))
         if missing:
             values = _map_ids(self.model, self.tokenizer, missing, width=self.width, rows=self.rows,
@@ -260,6 +261,10 @@ class MemoScorer:
         if not keys:
             return np.zeros((0, self.width), dtype=np.float32)
         return np.stack([self.memo[k] for k in keys])
+
+    def changed(self, originals: Sequence[str], edited: Sequence[str]) -> np.ndarray:
+        """Per pair, whether an edit changes what the model sees (its truncated token ids)."""
+        return np.array([a != b for a, b in zip(self.keys(originals), self.keys(edited), strict=True)], dtype=bool)
 
 
 def _pooled(out, inputs) -> torch.Tensor:

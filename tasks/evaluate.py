@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import load_file
+from scipy.special import softmax
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import confusion_matrix, f1_score
 
@@ -39,7 +40,6 @@ from graft.modeling import (
     load_tokenizer,
     proba_scorer,
     select_device,
-    tokenize,
 )
 from graft.report import (
     candidates_png,
@@ -106,10 +106,7 @@ def backbone_scorer(layout: Layout, params: config.Params, device, splits: Mappi
 def head_predictor(embeddings: Callable[[Sequence[str]], np.ndarray], weight: np.ndarray, bias: np.ndarray) -> Predictor:
     """A linear head over mean-pooled embeddings, as texts -> softmax probabilities."""
     def predict(texts: Sequence[str]) -> np.ndarray:
-        logits = embeddings(texts) @ weight.T + bias
-        logits -= logits.max(1, keepdims=True)
-        e = np.exp(logits)
-        return (e / e.sum(1, keepdims=True)).astype(np.float32)
+        return softmax(embeddings(texts) @ weight.T + bias, axis=1).astype(np.float32)
 
     return predict
 
@@ -150,20 +147,6 @@ def backbone_probe(scorer: MemoScorer, params: config.Params, *, train_texts: Se
         return out
 
     return predict
-
-
-def window_changes(layout: Layout, params: config.Params) -> Callable[[Sequence[str], Sequence[str]], np.ndarray]:
-    """Whether an edit changes the backbone tokenizer's truncated ids: what the models see."""
-    tokenizer = load_tokenizer(layout.pretrained_dir, trust_remote_code=params.model.trust_remote_code)
-
-    def changes(originals: Sequence[str], edited: Sequence[str]) -> np.ndarray:
-        if not len(originals):
-            return np.zeros(0, dtype=bool)
-        before = tokenize(tokenizer, originals, params.model.max_length)
-        after = tokenize(tokenizer, edited, params.model.max_length)
-        return np.array([a != b for a, b in zip(before, after, strict=True)], dtype=bool)
-
-    return changes
 
 
 def reuse_val_predictions(layout: Layout, val: pd.DataFrame, scorers: Mapping[str, MemoScorer]) -> None:
@@ -379,7 +362,7 @@ def evaluate(params: config.Params, *, layout: Layout | None = None) -> dict:
     transferred = [n for n, c in manifest["candidates"].items() if c["role"] == "transfer"]
     result = assess(predictors, params=params, layout=layout, **splits, classes=classes,
                     group_columns=group_columns, domain_column=domain_column, proposed=manifest["proposed"],
-                    transferred=transferred, visible=window_changes(layout, params))
+                    transferred=transferred, visible=scorers[BACKBONE_PROBE].changed)
     images = plots(result, classes)
     for name, png in images.items():
         if png is not None:
