@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     # The embedded Prefect server runs offline by design: no failed telemetry calls in the log.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect waits 20 s for its ephemeral API to answer; a busy 2-core machine (measured: six
+    # installs beside `make run`) needs longer, and the run then died as an "internal error".
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     try:
         from graft import config
 
