@@ -1,7 +1,8 @@
 """The pipeline on a Prefect work pool, as a team with a Prefect server runs it: `prefect server
 start` on a loopback port, `graft deploy --pool` in a workspace, `prefect worker start --pool`
 as a child, a run triggered through the API with the UI form's `params` (what "Custom run"
-posts), and the registered version in the workspace's MLflow registry. Every process is stopped."""
+posts), and the registered version in the workspace's MLflow registry (marked `servers`; every
+process is stopped). Also: prefect.yaml names the flow, and no server is a clear exit 2."""
 
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ from .conftest import REPO, make_workspace, tiny_params
 from .test_flow import commit
 from .test_servers import _start
 
-pytestmark = pytest.mark.servers
 POOL = "graft-test-pool"
 NAME = "graft-classifier"
 # a worker polls its pool every PREFECT_WORKER_QUERY_SECONDS (10 by default): the run starts sooner
@@ -85,6 +85,25 @@ def _wait_final(client, run, worker: subprocess.Popen, timeout: float = 900):
     return run
 
 
+def test_prefect_yaml_names_the_pipeline_flow_and_a_pool():
+    from flows.pipeline import pipeline
+
+    spec = read_spec(REPO / PREFECT_YAML)
+    path, _, function = spec.entrypoint.partition(":")
+    assert (REPO / path).resolve() == Path(sys.modules[pipeline.fn.__module__].__file__).resolve()
+    assert function == pipeline.fn.__name__ and spec.work_pool and spec.name
+
+
+def test_deploy_without_a_prefect_server_is_bad_input(tmp_path):
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path))  # no profile that names a server either
+    env.pop("PREFECT_API_URL", None)
+    result = subprocess.run([sys.executable, "-m", "graft.cli", "deploy", "--pool", POOL], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1].startswith("graft: error: a work-pool deployment needs a Prefect server")
+
+
+@pytest.mark.servers
 def test_a_worker_runs_the_deployed_pipeline_from_the_workspace_and_it_registers(tmp_path, tiny_model_dir,
                                                                                 monkeypatch):
     from mlflow import MlflowClient
