@@ -65,16 +65,19 @@ def ensure_process_pool(name: str) -> bool:
     """Create the process work pool `name` unless it exists; True when it was created."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectNotFound
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
     from prefect.workers.process import ProcessWorker
 
     with get_client(sync_client=True) as client:
         try:
             pool = client.read_work_pool(name)
         except ObjectNotFound:
-            client.create_work_pool(WorkPoolCreate(
-                name=name, type=POOL_TYPE, base_job_template=ProcessWorker.get_default_base_job_template()))
-            return True
+            try:
+                client.create_work_pool(WorkPoolCreate(
+                    name=name, type=POOL_TYPE, base_job_template=ProcessWorker.get_default_base_job_template()))
+                return True
+            except ObjectAlreadyExists:  # a worker started with --pool created it meanwhile
+                pool = client.read_work_pool(name)
     if pool.type != POOL_TYPE:
         raise GraftError(f"work pool {name!r} is a {pool.type!r} pool; graft deploys to a {POOL_TYPE!r} pool "
                          f"(its workers run the flow in this checkout): name another pool")
