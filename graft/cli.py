@@ -5,6 +5,8 @@
   graft stage NAME                           one stage, through DVC
   graft serve [--cron EXPR]                  a Prefect deployment: cron schedule + UI-triggered runs;
                                              starts a local Prefect server unless PREFECT_API_URL is set
+  graft deploy [--pool NAME] [--cron EXPR]   the deployment of prefect.yaml on a process work pool of the
+                                             Prefect server at PREFECT_API_URL (workers run it here)
   graft data [--json]                        the data version, and what changed since the last commit
   graft sources                              pin data.source and model.ref for DVC (graft run does it)
 
@@ -41,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", default="graft-scheduled", help="deployment name")
     serve.add_argument("--port", type=int, default=None,
                        help="port of the local Prefect server (default 4200, or a free one)")
+    deploy = sub.add_parser("deploy", help="deploy the pipeline to a process work pool of a Prefect server "
+                                           "(PREFECT_API_URL); `prefect worker start --pool NAME` runs it")
+    deploy.add_argument("--pool", default=None, help="work pool, created when missing (default: prefect.yaml's)")
+    deploy.add_argument("--name", default=None, help="deployment name (default: prefect.yaml's)")
+    deploy.add_argument("--cron", default=None, help="cron schedule (default: none; runs from the UI or the API)")
     data = sub.add_parser("data", help="print the data version and what changed against the last committed dvc.lock")
     data.add_argument("--rev", default="HEAD", help="git revision to compare with (default: HEAD)")
     data.add_argument("--json", action="store_true", help="print JSON")
@@ -97,6 +104,24 @@ def _serve(args: argparse.Namespace) -> None:
         from flows.pipeline import pipeline
 
         pipeline.serve(name=args.name, cron=args.cron, parameters={"root": str(Path.cwd())})
+
+
+def _deploy(args: argparse.Namespace) -> None:
+    """Deploy prefect.yaml's deployment from this checkout to a process work pool."""
+    import dataclasses
+
+    from graft import deployment, servers
+
+    spec = deployment.read_spec()
+    url = deployment.prefect_api_url()
+    servers.wait_http(f"{url}/health", None, 15, "the Prefect server at PREFECT_API_URL")
+    spec = dataclasses.replace(spec, name=args.name or spec.name, work_pool=args.pool or spec.work_pool)
+    created = deployment.ensure_process_pool(spec.work_pool)
+    full_name = deployment.deploy(Path.cwd().resolve(), spec, pool=spec.work_pool, cron=args.cron)
+    print(f"graft: deployed {full_name} to the {deployment.POOL_TYPE} work pool {spec.work_pool!r}"
+          f"{' (created)' if created else ''} on {url}\n"
+          f"  start a worker here, in this environment:  prefect worker start --pool {spec.work_pool}\n"
+          f"  run it from the UI, or:  prefect deployment run '{full_name}'", flush=True)
 
 
 class _NoTracebackForGraftErrors(logging.Filter):
@@ -157,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             repro_stage(args.name, Path("."))
         elif args.command == "serve":
             _serve(args)
+        elif args.command == "deploy":
+            _deploy(args)
     except GraftError as err:
         sys.stderr.write(f"{ERROR_PREFIX}{err}\n")
         return err.exit_code
