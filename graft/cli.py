@@ -116,10 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     # The embedded Prefect server runs offline by design: no failed telemetry calls in the log.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
-        from graft import config
+        from graft import config, preflight
 
-        config.load()  # one clear error before any machinery starts
+        params = config.load()  # one clear error before any machinery starts
         config.apply_overrides(getattr(args, "overrides", []), dry_run=True)
+        preflight.check(args.command, params)
         if args.command == "run":
             from flows.pipeline import pipeline
 
