@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import skops.io as sio
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
@@ -39,10 +38,22 @@ TRUSTED_TYPES = [
 _FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 
+def tfidf_vectorizer(ngram_max: int) -> TfidfVectorizer:
+    """TF-IDF with sublinear tf over word n-grams (scikit-learn's words: 2+ letters or digits)."""
+    return TfidfVectorizer(ngram_range=(1, ngram_max), sublinear_tf=True)
+
+
+def has_tfidf_words(texts: Sequence[str]) -> np.ndarray:
+    """Per text, whether the baseline's own tokenizer finds a word in it (emoji-only: no), so data
+    validation and the baseline agree on what a vocabulary can be built from."""
+    tokenize = tfidf_vectorizer(1).build_tokenizer()
+    return np.array([bool(tokenize(text)) for text in texts], dtype=bool)
+
+
 def fit_tfidf(texts: Sequence[str], labels: np.ndarray, *, ngram_max: int, C: float, seed: int) -> Pipeline:
     """TF-IDF (sublinear tf, word n-grams) + L2 logistic regression, fitted on the training split."""
     pipeline = Pipeline([
-        ("tfidf", TfidfVectorizer(ngram_range=(1, ngram_max), sublinear_tf=True)),
+        ("tfidf", tfidf_vectorizer(ngram_max)),
         ("logreg", LogisticRegression(C=C, max_iter=5000, random_state=seed)),
     ])
     return pipeline.fit(list(texts), np.asarray(labels))
@@ -85,6 +96,8 @@ def save_tfidf(pipeline: Pipeline, out_dir: Path, state: dict) -> None:
     """The fitted pipeline as one skops file plus how it was trained, written atomically."""
     # the vectorizer memoises id(stop_words), a different number in every process; it only
     # skips a consistency check, so drop it rather than store an address
+    import skops.io as sio  # here, not at import: data validation uses this module's tokenizer
+
     pipeline.named_steps["tfidf"].__dict__.pop("_stop_words_id", None)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
@@ -94,6 +107,8 @@ def save_tfidf(pipeline: Pipeline, out_dir: Path, state: dict) -> None:
 
 def load_tfidf(model_dir: Path) -> Callable[[Sequence[str]], np.ndarray]:
     """Rebuild the TF-IDF baseline from its skops file; returns texts -> class probabilities."""
+    import skops.io as sio
+
     path = Path(model_dir) / TFIDF_FILE
     if not path.exists():
         raise GraftError(f"{path}: no TF-IDF baseline here (models from before skops are not read; re-run train)")

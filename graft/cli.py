@@ -144,10 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     # installs beside `make run`) needs longer, and the run then died as an "internal error".
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     try:
-        from graft import config
+        from graft import config, preflight
 
-        config.load()  # one clear error before any machinery starts
+        params = config.load()  # one clear error before any machinery starts
         config.apply_overrides(getattr(args, "overrides", []), dry_run=True)
+        preflight.check(args.command, params)
         if args.command == "run":
             from flows.pipeline import pipeline
 

@@ -241,12 +241,39 @@ def validate(raw: Any, source: str = str(PARAMS_FILE)) -> Params:
         raise GraftError(_format_errors(err, source)) from None
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first_line: int) -> None:
+        super().__init__(f"line {line}: key {key!r} is given twice (first on line {first_line})")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys; DVC's YAML parser refuses the file. Refuse it here,
+    with the line, before any stage runs."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first_lines:
+                    raise _DuplicateKey(key, line, first_lines[key])
+                first_lines[key] = line
+            except TypeError:  # an unhashable key: SafeLoader reports it itself
+                break
+        return super().construct_mapping(node, deep=deep)
+
+
 def load(path: Path = PARAMS_FILE) -> Params:
     """Read and validate `params.yaml`."""
     if not path.exists():
         raise GraftError(f"{path}: parameters file not found (run graft from the repository root)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader
+    except _DuplicateKey as err:
+        raise GraftError(f"{path}: {err}; DVC refuses duplicate keys") from None
     except yaml.YAMLError as err:
         raise GraftError(f"{path}: not valid YAML: {err}") from None
     return validate(_exponents_as_numbers(raw), str(path))

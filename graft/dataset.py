@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from graft.baselines import has_tfidf_words
 from graft.errors import GraftError
 
 SPLITS = ("train", "val", "test")
@@ -79,6 +80,14 @@ def validate_frame(
     if empty.any():
         problems.append(
             f"{source}: column {text_column!r}: {int(empty.sum())} empty or whitespace-only text(s), {_rows(empty, frame.index)}"
+        )
+    # Texts with no word (emoji, punctuation only) are fine beside others; with nothing else the
+    # TF-IDF baseline has no vocabulary and the comparison the verdict rests on cannot be made.
+    usable = ~empty & ~not_text
+    if usable.any() and not has_tfidf_words(texts[usable].tolist()).any():
+        problems.append(
+            f"{source}: column {text_column!r}: no text has a word the TF-IDF baseline can use (2+ letters or "
+            f"digits; emoji and punctuation are not words), {_rows(usable, frame.index)}"
         )
     labels = frame[label_column]
     no_label = labels.isna() | labels.astype(str).str.strip().eq("")

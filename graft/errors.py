@@ -10,6 +10,7 @@ from typing import TypeVar
 F = TypeVar("F", bound=Callable[..., object])
 
 ERROR_PREFIX = "graft: error: "
+WARNING_PREFIX = "graft: warning: "
 
 # Exit codes a user or a scheduler can act on: fix the input, report a bug, or try again later.
 EXIT_BAD_INPUT = 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from fnmatch import fnmatch
 from pathlib import Path
 
 from graft.errors import GraftError, TransientError
@@ -21,6 +23,19 @@ def resolve_model_path(ref: str) -> Path | None:
             f"('{PACKAGE_PREFIX}NAME/dir'), not a local folder, not a hub id ('owner/name')"
         )
     return None
+
+
+# Each set is a tokenizer transformers can load; with none of them, AutoTokenizer quietly builds
+# one of special tokens only, and every word becomes [UNK].
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.txt",), ("vocab.json", "merges.txt"), ("*.model",))
+
+
+def missing_tokenizer_files(names: Iterable[str]) -> str | None:
+    """None when `names` hold a loadable tokenizer, else the files that would make one."""
+    names = list(names)
+    if any(all(any(fnmatch(n, p) for n in names) for p in group) for group in TOKENIZER_FILES):
+        return None
+    return ", ".join(" + ".join(group) for group in TOKENIZER_FILES)
 
 
 def hub_error(repo_id: str, revision: str | None, err: Exception) -> GraftError:

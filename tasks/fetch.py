@@ -10,7 +10,7 @@ from graft import config
 from graft.errors import GraftError, exits_cleanly
 from graft.files import atomic_path, sha256_file, write_json
 from graft.layout import Layout
-from graft.modeling_refs import hub_error, resolve_model_path
+from graft.modeling_refs import hub_error, missing_tokenizer_files, resolve_model_path
 from graft.sources import PACKAGE_PREFIX, read_source_file
 
 # What a backbone needs, and nothing that could execute on load.
@@ -55,6 +55,9 @@ def copy_model(src: Path, dst: Path, *, trust_remote_code: bool) -> list[str]:
         raise GraftError(f"{src}: no *.safetensors weights; graft never unpickles model files{hint}")
     if "config.json" not in names:
         raise GraftError(f"{src}: config.json is missing; not a transformers model folder")
+    wanted = missing_tokenizer_files(names)
+    if wanted and not trust_remote_code:  # model code may bring a tokenizer of its own
+        raise GraftError(f"{src}: no tokenizer files (one of: {wanted}); found only {names}")
     if any(n.endswith(".py") for n in names) and not trust_remote_code:
         raise GraftError(f"{src}: the model ships Python code; set model.trust_remote_code=true only if you trust it")
     patterns = keep_patterns(trust_remote_code)
@@ -72,13 +75,18 @@ def describe(model_dir: Path, *, trust_remote_code: bool, source: Path | None = 
     from graft.modeling import load_encoder, load_tokenizer
 
     try:
-        load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
         encoder = load_encoder(model_dir, trust_remote_code=trust_remote_code)
     except SafetensorError as err:
         raise GraftError(f"{source or model_dir}: corrupt or truncated safetensors weights: {err}") from None
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise GraftError(f"{source or model_dir}: not a loadable transformers encoder: {err}") from None
     cfg = encoder.config
+    vocab_size = getattr(cfg, "vocab_size", None)
+    # a tokenizer made for other weights: ids past the embeddings crash, far fewer tokens mean [UNK]s
+    if vocab_size and not vocab_size // 2 <= len(tokenizer) <= vocab_size:
+        raise GraftError(f"{source or model_dir}: the tokenizer knows {len(tokenizer)} tokens but the model's "
+                         f"embeddings have {vocab_size}; its tokenizer files do not belong to these weights")
     return {
         "model_type": cfg.model_type,
         "architectures": list(cfg.architectures or []),

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from graft import config  # noqa: E402
+from graft.baselines import has_tfidf_words  # noqa: E402
 from graft.dataset import SPLITS, Validated, fingerprint, split_frame, validate_frame  # noqa: E402
 from graft.errors import GraftError, exits_cleanly  # noqa: E402
 from graft.files import atomic_path, atomic_write_text, write_json  # noqa: E402
@@ -125,6 +126,9 @@ def prepare(params: config.Params, *, source_file: Path, raw_dir: Path, out_dir:
     )
     splits = split_frame(validated.frame, train_size=data.train_size, val_size=data.val_size,
                          test_size=data.test_size, seed=params.seed, source=data.source)
+    if not has_tfidf_words(splits["train"]["text"].tolist()).any():
+        raise GraftError(f"{data.source}: no text of the training split has a word the TF-IDF baseline can use "
+                         "(the texts with words all fell into val or test); add texts with words")
     classes = sorted(validated.frame["label"].unique())
     label_ids = {c: i for i, c in enumerate(classes)}
     card = datacard(splits, validated, classes=classes, source=data.source, group_columns=list(data.group_columns),
