@@ -26,8 +26,8 @@ from graft import config, registry
 from graft.errors import WARNING_PREFIX, GraftError, TransientError
 
 # Commands that run stages through DVC in the workspace, and those that talk to a Prefect API.
-WORKSPACE_COMMANDS = ("run", "stage", "serve")
-PREFECT_COMMANDS = ("run", "serve")
+WORKSPACE_COMMANDS = ("run", "stage", "serve", "deploy")
+PREFECT_COMMANDS = ("run", "serve", "deploy")
 PREFECT_HEALTH_TIMEOUT_S = 5.0
 SQLITE_BUSY_TIMEOUT_S = 10.0
 
