@@ -27,7 +27,8 @@ def build_tiny_bert(out_dir: Path, texts: list[str]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab = out_dir / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", *words]) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    # `vocab=`: transformers 5 ignores `vocab_file=` here and builds a 5-token vocabulary (every word [UNK])
+    tokenizer = BertTokenizerFast(vocab=str(vocab), do_lower_case=True)
     cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=64, architectures=["BertModel"])
     import torch
