@@ -86,6 +86,22 @@ def build_tiny_bert(out_dir: Path, texts: list[str]) -> Path:
     return out_dir
 
 
+@pytest.fixture(scope="session", autouse=True)
+def prefect_home_of_the_tests(tmp_path_factory):
+    """A `graft run` the tests start uses Prefect's ephemeral API, a SQLite file under
+    PREFECT_HOME: the tests' own, not the user's `~/.prefect` that a pipeline running beside the
+    suite writes to. (In-process flows run under `prefect_test_harness`, which has its own.)"""
+    import os
+
+    saved = os.environ.get("PREFECT_HOME")
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    yield
+    if saved is None:
+        os.environ.pop("PREFECT_HOME", None)
+    else:
+        os.environ["PREFECT_HOME"] = saved
+
+
 @pytest.fixture(autouse=True)
 def mlflow_environment_restored():
     """`mlflow.set_tracking_uri` / `set_registry_uri` export MLFLOW_TRACKING_URI and

