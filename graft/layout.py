@@ -147,6 +147,12 @@ class Layout:
     def report_html(self) -> Path:
         return self._p("reports/report.html")
 
+    @property
+    def evaluate_report(self) -> Path:
+        """evaluate's run facts (seconds, forward passes per model): no stage depends on them, so
+        evaluating the same models again changes nothing that register reads."""
+        return self._p("reports/evaluate.json")
+
     # register
     @property
     def registration(self) -> Path:

@@ -340,7 +340,8 @@ def plots(result: Mapping, classes: list[str]) -> dict[str, bytes | None]:
 
 
 def evaluate(params: config.Params, *, layout: Layout | None = None) -> dict:
-    """Write reports/{metrics,transfer,bias,robustness,gate}.json, plots and report.html; return them."""
+    """Write reports/{metrics,transfer,bias,robustness,gate}.json, plots and report.html, and the
+    run facts in reports/evaluate.json; return them."""
     layout = layout or Layout()
     started = time.perf_counter()
     require(layout.datacard, root=layout.root)
@@ -371,8 +372,6 @@ def evaluate(params: config.Params, *, layout: Layout | None = None) -> dict:
     confusion_rows = pd.DataFrame({"actual": [classes[i] for i in result["y_test"]],
                                    "predicted": [classes[i] for i in result["predictions"][result["proposed"]]]})
     atomic_write_text(layout.plots_dir / "confusion.csv", confusion_rows.to_csv(index=False))
-    result["metrics"]["evaluate_seconds"] = round(time.perf_counter() - started, 2)
-    result["metrics"]["forward_passes"] = {name: s.forwarded for name, s in scorers.items()}
     write_json(layout.metrics, result["metrics"])
     write_json(layout.transfer, result["transfer"])
     write_json(layout.bias, result["bias"])
@@ -381,6 +380,11 @@ def evaluate(params: config.Params, *, layout: Layout | None = None) -> dict:
     atomic_write_text(layout.report_html, render_html(
         transfer=result["transfer"], gate=result["gate"], bias=result["bias"], robustness=result["robustness"],
         datacard=card, plots=images))
+    # run facts go to a report no stage depends on: register reads the reports above, and must
+    # find them unchanged when the same models are evaluated again
+    result["run_facts"] = {"seconds": round(time.perf_counter() - started, 2),
+                           "forward_passes": {name: s.forwarded for name, s in scorers.items()}}
+    write_json(layout.evaluate_report, result["run_facts"])
     return result
 
 

@@ -214,3 +214,14 @@ def test_retraining_with_nothing_changed_leaves_evaluate_and_register_up_to_date
     assert stale(root) == set()
     dvc(root, "repro", "-f", "--single-item", "train")
     assert stale(root) == set(), dvc(root, "status")
+
+
+def test_re_evaluating_with_nothing_changed_leaves_register_up_to_date(ran: Path):
+    """Run facts (seconds, forward passes) stay out of what register depends on: evaluating the
+    same models again writes the same reports, so nothing is registered twice."""
+    root = ran
+    graft(root, "run", "--no-push")
+    assert stale(root) == set()
+    dvc(root, "repro", "-f", "--single-item", "evaluate")
+    assert "register" not in stale(root), dvc(root, "status", "register")
+    assert stale(root) == set(), dvc(root, "status")
