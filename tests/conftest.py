@@ -93,13 +93,17 @@ def prefect_home_of_the_tests(tmp_path_factory):
     suite writes to. (In-process flows run under `prefect_test_harness`, which has its own.)"""
     import os
 
-    saved = os.environ.get("PREFECT_HOME")
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    # a fresh home migrates a new database first: on 2 busy cores that outlasts Prefect's 20 s
+    ours = {"PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-home")),
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
+    saved = {key: os.environ.get(key) for key in ours}
+    os.environ.update(ours)
     yield
-    if saved is None:
-        os.environ.pop("PREFECT_HOME", None)
-    else:
-        os.environ["PREFECT_HOME"] = saved
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(autouse=True)
