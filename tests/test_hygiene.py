@@ -4,12 +4,15 @@ name machine-wide, where another pipeline's stage of the same name may be runnin
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import wait_for_descendant
+import pytest
+
+from .conftest import REPO, wait_for_descendant
 
 
 def test_the_victim_is_found_among_the_tests_own_descendants_only(tmp_path: Path):
@@ -69,3 +72,16 @@ def test_a_graft_run_the_tests_start_keeps_its_prefect_database_to_itself(tmp_pa
     home = Path(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip())
     assert home.is_relative_to(tmp_path_factory.getbasetemp()), home
     assert not home.is_relative_to(Path.home() / ".prefect")
+
+
+@pytest.mark.parametrize(("path", "stage"), [
+    ("reports/report.html", "evaluate"), ("reports/datacard.md", "prepare"), ("reports/plots/confusion.png", "evaluate"),
+    ("reports/plots/text_lengths.png", "prepare"), ("reports/registration.json", "register"),
+    ("data/prepared/train.parquet", "prepare"), ("models/finetuned/candidates.json", "train")])
+def test_a_missing_input_names_the_stage_that_writes_it_as_dvc_yaml_says(tmp_path: Path, path: str, stage: str):
+    from graft.errors import GraftError
+    from graft.layout import require
+
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    with pytest.raises(GraftError, match=f"run the '{stage}' stage first"):
+        require(tmp_path / path, root=tmp_path)
