@@ -85,3 +85,24 @@ def test_a_missing_input_names_the_stage_that_writes_it_as_dvc_yaml_says(tmp_pat
     shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
     with pytest.raises(GraftError, match=f"run the '{stage}' stage first"):
         require(tmp_path / path, root=tmp_path)
+
+
+def test_run_facts_reach_the_mlflow_run_without_being_a_stage_input(tmp_path: Path):
+    import mlflow
+
+    from flows.pipeline import publish_run_facts
+    from graft.files import write_json
+    from graft.layout import Layout
+
+    layout, uri = Layout(tmp_path), f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("graft", artifact_location=(tmp_path / "art").as_uri())).info.run_id
+    write_json(layout.registration, {"tracking_uri": uri, "run_id": run_id})
+    write_json(layout.train_report, {"candidates": {"partial": {"throughput": [{"epoch": 1, "samples_per_s": 9.5}]}}})
+    write_json(layout.evaluate_report, {"seconds": 12.5, "forward_passes": {"partial": 40}})
+    publish_run_facts.fn(str(tmp_path))
+    run = client.get_run(run_id)
+    assert run.data.metrics == {"evaluate_seconds": 12.5, "evaluate_forward_passes_partial": 40.0,
+                                "train_partial_samples_per_s": 9.5}
+    assert sorted(a.path for a in client.list_artifacts(run_id, "reports")) == ["reports/evaluate.json",
+                                                                                 "reports/train.json"]
