@@ -46,6 +46,7 @@ from graft.report import (
     confusion_png,
     gate_failure_message,
     grouped_bars_png,
+    note_png,
     render_html,
 )
 from graft.robustness import perturb, robustness_probe
@@ -317,8 +318,9 @@ def assess(
             "predictions": pred, "y_test": y_test}
 
 
-def plots(result: Mapping, classes: list[str]) -> dict[str, bytes | None]:
-    """PNG bytes of every plot, shared by reports/plots/ and the inline report."""
+def plots(result: Mapping, classes: list[str]) -> dict[str, bytes]:
+    """PNG bytes of every plot, shared by reports/plots/ and the inline report (every one is a
+    declared output, so each is written, saying so when there is nothing to show)."""
     pred, y = result["predictions"][result["proposed"]], result["y_test"]
     matrix = confusion_matrix(y, pred, labels=range(len(classes)))
     cf = result["bias"]["counterfactual"]
@@ -330,12 +332,13 @@ def plots(result: Mapping, classes: list[str]) -> dict[str, bytes | None]:
                                            "counterfactual flip rate"),
         "robustness": grouped_bars_png({n: {k: v["flip_rate"] for k, v in c["perturbations"].items()} for n, c in rob.items()},
                                        "robustness flip rate"),
-        "groups": None,
     }
     if result["bias"]["groups"]:
         bars = {f"{col}:{cand}": {g: m["accuracy"] for g, m in r["groups"].items()}
                 for col, per in result["bias"]["groups"].items() for cand, r in per.items()}
         out["groups"] = grouped_bars_png(bars, "accuracy per group")
+    else:
+        out["groups"] = note_png("no group columns (data.group_columns)")
     return out
 
 
@@ -366,9 +369,8 @@ def evaluate(params: config.Params, *, layout: Layout | None = None) -> dict:
                     transferred=transferred, visible=scorers[BACKBONE_PROBE].changed)
     images = plots(result, classes)
     for name, png in images.items():
-        if png is not None:
-            with atomic_path(layout.plots_dir / f"{name}.png") as tmp:
-                tmp.write_bytes(png)
+        with atomic_path(layout.plots_dir / f"{name}.png") as tmp:
+            tmp.write_bytes(png)
     confusion_rows = pd.DataFrame({"actual": [classes[i] for i in result["y_test"]],
                                    "predicted": [classes[i] for i in result["predictions"][result["proposed"]]]})
     atomic_write_text(layout.plots_dir / "confusion.csv", confusion_rows.to_csv(index=False))

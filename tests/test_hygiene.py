@@ -77,6 +77,7 @@ def test_a_graft_run_the_tests_start_keeps_its_prefect_database_to_itself(tmp_pa
 @pytest.mark.parametrize(("path", "stage"), [
     ("reports/report.html", "evaluate"), ("reports/datacard.md", "prepare"), ("reports/plots/confusion.png", "evaluate"),
     ("reports/plots/text_lengths.png", "prepare"), ("reports/registration.json", "register"),
+    ("reports/plots/groups.png", "evaluate"), ("reports/evaluate.json", "evaluate"),
     ("data/prepared/train.parquet", "prepare"), ("models/finetuned/candidates.json", "train")])
 def test_a_missing_input_names_the_stage_that_writes_it_as_dvc_yaml_says(tmp_path: Path, path: str, stage: str):
     from graft.errors import GraftError
