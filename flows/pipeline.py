@@ -167,7 +167,8 @@ def dvc_push(root: str) -> dict:
 @task
 def publish_run_facts(root: str) -> None:
     """What no stage may depend on, published at the edge: the evaluation summary as a Prefect
-    markdown artifact, and train.json (timings, throughput per epoch) on the MLflow run."""
+    markdown artifact; train.json (timings, throughput per epoch) and evaluate.json (seconds,
+    forward passes) on the MLflow run."""
     from prefect.artifacts import create_markdown_artifact
 
     from graft.files import read_json
@@ -178,19 +179,27 @@ def publish_run_facts(root: str) -> None:
     if all(path.exists() for path in reports):
         create_markdown_artifact(summary_markdown(*(read_json(path) for path in reports)), key="graft-evaluation",
                                  description="Transfer verdict, bias and robustness, gate")
-    if not (layout.registration.exists() and layout.train_report.exists()):
+    if not layout.registration.exists():
         return
     import mlflow
 
-    registration, train = read_json(layout.registration), read_json(layout.train_report)
+    registration = read_json(layout.registration)
     client = mlflow.MlflowClient(tracking_uri=registration["tracking_uri"])
     run_id = registration["run_id"]
-    client.log_artifact(run_id, str(layout.train_report), artifact_path="reports")
-    for name, candidate in train.get("candidates", {}).items():
-        for row in candidate.get("throughput") or []:
-            for key in ("samples_per_s", "tokens_per_s"):
-                if row.get(key) is not None:
-                    client.log_metric(run_id, f"train_{name}_{key}", row[key], step=row["epoch"])
+    for report in (layout.train_report, layout.evaluate_report):
+        if report.exists():
+            client.log_artifact(run_id, str(report), artifact_path="reports")
+    if layout.train_report.exists():
+        for name, candidate in read_json(layout.train_report).get("candidates", {}).items():
+            for row in candidate.get("throughput") or []:
+                for key in ("samples_per_s", "tokens_per_s"):
+                    if row.get(key) is not None:
+                        client.log_metric(run_id, f"train_{name}_{key}", row[key], step=row["epoch"])
+    if layout.evaluate_report.exists():
+        facts = read_json(layout.evaluate_report)
+        client.log_metric(run_id, "evaluate_seconds", facts["seconds"])
+        for name, passes in facts.get("forward_passes", {}).items():
+            client.log_metric(run_id, f"evaluate_forward_passes_{name}", passes)
 
 
 def _crashed(flow_run_id: str) -> None:

@@ -1,6 +1,8 @@
 """Typed parameters: `params.yaml` loaded into one pydantic model and validated once.
 
-Every problem is reported in one error, each line naming the key that is wrong.
+Every problem is reported in one error, each line naming the key that is wrong. The fields carry
+types, bounds and documentation but no defaults: `params.yaml` is the one place where defaults
+live, so a key missing there is reported, never silently filled with a second default.
 """
 
 from __future__ import annotations
@@ -30,26 +32,26 @@ class _Section(BaseModel):
 
 class DataParams(_Section):
     source: str = Field(description="File, folder, `package:NAME/sub/dir` or `hf:DATASET` to read.")
-    revision: str | None = Field(None, description="Hub revision (git sha or tag) for `hf:` sources.")
-    text_column: str = Field("text", description="Column that holds the input text.")
-    label_column: str = Field("label", description="Column that holds the class label.")
-    id_column: str = Field("id", description="Column of unique row ids; absent: ids are hashes of the text.")
+    revision: str | None = Field(description="Hub revision (git sha or tag) for `hf:` sources.")
+    text_column: str = Field(description="Column that holds the input text.")
+    label_column: str = Field(description="Column that holds the class label.")
+    id_column: str = Field(description="Column of unique row ids; absent: ids are hashes of the text.")
     split_column: str | None = Field(
-        None, description="Column holding train/val/test per row (the user's own split); sizes are then ignored."
+        description="Column holding train/val/test per row (the user's own split); sizes are then ignored."
     )
     group_columns: list[str] = Field(
-        default_factory=list, description="Columns carried into the splits for group metrics (e.g. gender)."
+        description="Columns carried into the splits for group metrics (e.g. gender)."
     )
-    domain_column: str | None = Field(None, description="Column naming each row's domain, carried into the splits.")
+    domain_column: str | None = Field(description="Column naming each row's domain, carried into the splits.")
     on_conflict: Literal["error", "drop"] = Field(
-        "error", description="The same text under two labels: `error`, or `drop` every copy of it."
+        description="The same text under two labels: `error`, or `drop` every copy of it."
     )
     encoding_fallback: str | None = Field(
-        None, description="Codec for bytes that are not UTF-8 (e.g. cp1252); null refuses such files."
+        description="Codec for bytes that are not UTF-8 (e.g. cp1252); null refuses such files."
     )
-    train_size: int = Field(250, gt=0, description="Labelled training rows (stratified).")
-    val_size: int = Field(250, gt=0, description="Validation rows, used to pick checkpoints.")
-    test_size: int | None = Field(None, gt=0, description="Test rows; null takes every remaining row.")
+    train_size: int = Field(gt=0, description="Labelled training rows (stratified).")
+    val_size: int = Field(gt=0, description="Validation rows, used to pick checkpoints.")
+    test_size: int | None = Field(gt=0, description="Test rows; null takes every remaining row.")
 
     @field_validator("encoding_fallback")
     @classmethod
@@ -64,41 +66,41 @@ class DataParams(_Section):
 
 class ModelParams(_Section):
     ref: str = Field(description="`package:NAME/sub/dir`, a local folder, or a hub id.")
-    revision: str | None = Field(None, description="Hub revision; pin it for reproducible runs.")
-    trust_remote_code: bool = Field(False, description="Allow model code from the hub to run.")
-    max_length: int = Field(128, ge=8, le=4096, description="Tokens kept per text.")
+    revision: str | None = Field(description="Hub revision; pin it for reproducible runs.")
+    trust_remote_code: bool = Field(description="Allow model code from the hub to run.")
+    max_length: int = Field(ge=8, le=4096, description="Tokens kept per text.")
 
 
 class FeatureParams(_Section):
-    batch_size: int = Field(64, gt=0, description="Texts per forward pass when embedding.")
+    batch_size: int = Field(gt=0, description="Texts per forward pass when embedding.")
 
 
 class ScratchParams(_Section):
-    lr: float = Field(3e-4, gt=0, description="Learning rate of the random-init baseline.")
-    epochs: int = Field(5, gt=0, description="Epochs of the random-init baseline.")
+    lr: float = Field(gt=0, description="Learning rate of the random-init baseline.")
+    epochs: int = Field(gt=0, description="Epochs of the random-init baseline.")
 
 
 class TfidfParams(_Section):
-    ngram_max: int = Field(2, ge=1, le=4, description="Longest word n-gram of the TF-IDF baseline.")
-    C: float = Field(10.0, gt=0, description="Inverse L2 strength of its logistic regression.")
+    ngram_max: int = Field(ge=1, le=4, description="Longest word n-gram of the TF-IDF baseline.")
+    C: float = Field(gt=0, description="Inverse L2 strength of its logistic regression.")
 
 
 class FullParams(_Section):
-    lr: float = Field(5e-5, gt=0, description="Head learning rate of full fine-tuning; lower blocks get less.")
-    layer_decay: float = Field(0.8, gt=0, le=1, description="LR factor per block downwards (layer-wise decay).")
-    epochs: int = Field(5, gt=0, description="Epochs of full fine-tuning.")
+    lr: float = Field(gt=0, description="Head learning rate of full fine-tuning; lower blocks get less.")
+    layer_decay: float = Field(gt=0, le=1, description="LR factor per block downwards (layer-wise decay).")
+    epochs: int = Field(gt=0, description="Epochs of full fine-tuning.")
 
 
 class LoraParams(_Section):
-    lr: float = Field(1e-3, gt=0, description="Learning rate of the LoRA adapters and the head.")
-    r: int = Field(8, gt=0, description="Rank of the LoRA update matrices.")
-    alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA branch input.")
-    epochs: int = Field(5, gt=0, description="Epochs of LoRA fine-tuning.")
+    lr: float = Field(gt=0, description="Learning rate of the LoRA adapters and the head.")
+    r: int = Field(gt=0, description="Rank of the LoRA update matrices.")
+    alpha: int = Field(gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(ge=0, lt=1, description="Dropout on the LoRA branch input.")
+    epochs: int = Field(gt=0, description="Epochs of LoRA fine-tuning.")
 
 
 class ProbeParams(_Section):
-    C: float = Field(1.0, gt=0, description="Inverse L2 strength of the linear probe on cached embeddings.")
+    C: float = Field(gt=0, description="Inverse L2 strength of the linear probe on cached embeddings.")
 
 
 TRANSFER_STRATEGIES = ("linear_probe", "partial", "full", "lora")
@@ -106,30 +108,30 @@ TRANSFER_STRATEGIES = ("linear_probe", "partial", "full", "lora")
 
 class TrainParams(_Section):
     strategies: list[str] = Field(
-        ["linear_probe", "partial"], min_length=1,
+        min_length=1,
         description="Transfer strategies to train (linear_probe, partial, full, lora); each is a candidate.",
     )
-    freeze_layers: int = Field(2, ge=0, description="`partial`: lowest encoder layers kept frozen (with the embeddings).")
-    lr: float = Field(1e-4, gt=0, description="`partial`: AdamW learning rate.")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
-    epochs: int = Field(5, gt=0, description="`partial`: passes over the training split.")
-    batch_size: int = Field(16, gt=0, description="Examples per optimizer step (the global batch under torchrun).")
-    grad_accumulation: int = Field(1, gt=0, description="Micro-batches per optimizer step (same update, less memory).")
-    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with linear warm-up.")
-    patience: int | None = Field(1, gt=0, description="Stop after this many epochs without a better val accuracy; null: never.")
-    cache_frozen: bool = Field(True, description="Compute frozen layers' outputs once and reuse them (exact).")
-    checkpoint_every: int = Field(0, ge=0, description="Also checkpoint every N optimizer steps (0: at epoch ends only).")
-    compile: bool = Field(False, description="torch.compile the trained model (pays off on long GPU runs).")
+    freeze_layers: int = Field(ge=0, description="`partial`: lowest encoder layers kept frozen (with the embeddings).")
+    lr: float = Field(gt=0, description="`partial`: AdamW learning rate.")
+    weight_decay: float = Field(ge=0, description="AdamW weight decay.")
+    epochs: int = Field(gt=0, description="`partial`: passes over the training split.")
+    batch_size: int = Field(gt=0, description="Examples per optimizer step (the global batch under torchrun).")
+    grad_accumulation: int = Field(gt=0, description="Micro-batches per optimizer step (same update, less memory).")
+    warmup_ratio: float = Field(ge=0, lt=1, description="Share of steps with linear warm-up.")
+    patience: int | None = Field(gt=0, description="Stop after this many epochs without a better val accuracy; null: never.")
+    cache_frozen: bool = Field(description="Compute frozen layers' outputs once and reuse them (exact).")
+    checkpoint_every: int = Field(ge=0, description="Also checkpoint every N optimizer steps (0: at epoch ends only).")
+    compile: bool = Field(description="torch.compile the trained model (pays off on long GPU runs).")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="Training steps' precision: auto (bf16 autocast on a GPU, fp32 on the CPU), fp32, or bf16 "
+        description="Training steps' precision: auto (bf16 autocast on a GPU, fp32 on the CPU), fp32, or bf16 "
                             "(bf16 autocast on the CPU too: faster on CPUs with AVX512-BF16/AMX). Validation and "
                             "evaluation always use auto.")
-    nproc_per_node: int = Field(1, gt=0, description="Processes to launch with torchrun (DDP); 1 runs in-process.")
-    full: FullParams = FullParams()
-    lora: LoraParams = LoraParams()
-    probe: ProbeParams = ProbeParams()
-    scratch: ScratchParams = ScratchParams()
-    tfidf: TfidfParams = TfidfParams()
+    nproc_per_node: int = Field(gt=0, description="Processes to launch with torchrun (DDP); 1 runs in-process.")
+    full: FullParams = Field(description="The `full` strategy: every weight trained, layer-wise LR decay.")
+    lora: LoraParams = Field(description="The `lora` strategy: low-rank adapters, merged on save.")
+    probe: ProbeParams = Field(description="The `linear_probe` strategy on cached embeddings.")
+    scratch: ScratchParams = Field(description="The from-scratch baseline (same architecture, random init).")
+    tfidf: TfidfParams = Field(description="The TF-IDF + logistic regression baseline.")
 
     @field_validator("strategies")
     @classmethod
@@ -143,19 +145,18 @@ class TrainParams(_Section):
 
 
 class EvaluateParams(_Section):
-    bootstrap_samples: int = Field(1000, ge=100, description="Resamples for confidence intervals.")
-    confidence: float = Field(0.95, gt=0.5, lt=1, description="Confidence level of the intervals.")
-    alpha: float = Field(0.05, gt=0, lt=0.5, description="Significance level of the paired test behind the verdict.")
-    finding_flip_rate: float = Field(0.05, ge=0, le=1, description="Flip rate reported as a finding (Giskard's scan: 5%).")
-    major_flip_rate: float = Field(0.10, ge=0, le=1, description="Flip rate reported as a major finding (Giskard: 10%).")
-    tv_tolerance: float = Field(0.1, ge=0, le=1, description="Probability change that counts (CheckList's invariance tolerance).")
-    max_probe_texts: int = Field(200, gt=0, description="Test texts per identity group swapped (only texts where the swap is within the model's window) and per perturbation (seeded samples).")
-    examples: int = Field(3, ge=0, description="Texts shown per probe: those whose prediction moved most.")
-    identity_terms: str = Field("graft/probes/identity_terms.csv", min_length=1,
+    bootstrap_samples: int = Field(ge=100, description="Resamples for confidence intervals.")
+    confidence: float = Field(gt=0.5, lt=1, description="Confidence level of the intervals.")
+    alpha: float = Field(gt=0, lt=0.5, description="Significance level of the paired test behind the verdict.")
+    finding_flip_rate: float = Field(ge=0, le=1, description="Flip rate reported as a finding (Giskard's scan: 5%).")
+    major_flip_rate: float = Field(ge=0, le=1, description="Flip rate reported as a major finding (Giskard: 10%).")
+    tv_tolerance: float = Field(ge=0, le=1, description="Probability change that counts (CheckList's invariance tolerance).")
+    max_probe_texts: int = Field(gt=0, description="Test texts per identity group swapped (only texts where the swap is within the model's window) and per perturbation (seeded samples).")
+    examples: int = Field(ge=0, description="Texts shown per probe: those whose prediction moved most.")
+    identity_terms: str = Field(min_length=1,
                                 description="axis,group,term CSV of identity terms swapped by counterfactual probes.")
-    template_probes: str | None = Field("graft/probes/sentiment_templates.csv",
-                                        description="text,template,<axis>... CSV scored by every candidate; null skips.")
-    probe_C: float = Field(1.0, gt=0, description="Inverse L2 strength of the frozen-backbone linear probe.")
+    template_probes: str | None = Field(description="text,template,<axis>... CSV scored by every candidate; null skips.")
+    probe_C: float = Field(gt=0, description="Inverse L2 strength of the frozen-backbone linear probe.")
 
     @field_validator("major_flip_rate")
     @classmethod
@@ -168,29 +169,29 @@ class EvaluateParams(_Section):
 
 class GateParams(_Section):
     required_verdict: Literal["positive", "no_gain", "any"] = Field(
-        "positive", description="Weakest transfer verdict accepted: positive, no_gain (not worse), or any.")
-    min_margin: float = Field(0.0, description="Lowest accuracy margin over the best baseline, in points.")
-    min_accuracy: float = Field(0.8, ge=0, le=1, description="Lowest test accuracy to register.")
-    min_macro_f1: float = Field(0.8, ge=0, le=1, description="Lowest test macro-F1 to register.")
-    max_group_gap: float = Field(0.10, ge=0, le=1, description="Largest accuracy or macro-F1 gap between groups.")
-    max_counterfactual_flip_rate: float = Field(0.10, ge=0, le=1,
+        description="Weakest transfer verdict accepted: positive, no_gain (not worse), or any.")
+    min_margin: float = Field(description="Lowest accuracy margin over the best baseline, in points.")
+    min_accuracy: float = Field(ge=0, le=1, description="Lowest test accuracy to register.")
+    min_macro_f1: float = Field(ge=0, le=1, description="Lowest test macro-F1 to register.")
+    max_group_gap: float = Field(ge=0, le=1, description="Largest accuracy or macro-F1 gap between groups.")
+    max_counterfactual_flip_rate: float = Field(ge=0, le=1,
                                                 description="Largest flip rate of any identity axis.")
-    max_robustness_flip_rate: float = Field(0.10, ge=0, le=1, description="Largest flip rate of any perturbation.")
+    max_robustness_flip_rate: float = Field(ge=0, le=1, description="Largest flip rate of any perturbation.")
 
 
 class PromotionParams(_Section):
-    min_gain: float = Field(0.0, ge=0, le=1, description=(
+    min_gain: float = Field(ge=0, le=1, description=(
         "The new version becomes `champion` only if its test accuracy exceeds the champion's by more "
         "than this (both predicted in the same run, on the same test split)."))
-    verdicts: list[Literal["positive", "no_gain", "negative"]] = Field(["positive"], description=(
+    verdicts: list[Literal["positive", "no_gain", "negative"]] = Field(description=(
         "Transfer verdicts (reports/transfer.json) a version may have to become champion."))
 
 
 class RegisterParams(_Section):
-    model_name: str = Field("graft-classifier", min_length=1, description="Registered model name.")
-    experiment: str = Field("graft", min_length=1, description="MLflow experiment of pipeline runs.")
-    alias: str = Field("challenger", min_length=1, description="Alias set on every version that passes the gate.")
-    promotion: PromotionParams = PromotionParams()
+    model_name: str = Field(min_length=1, description="Registered model name.")
+    experiment: str = Field(min_length=1, description="MLflow experiment of pipeline runs.")
+    alias: str = Field(min_length=1, description="Alias set on every version that passes the gate.")
+    promotion: PromotionParams = Field(description="When a new version becomes `champion`.")
 
 
 # `register` (the stage's section) shadows ABCMeta.register on the class, not on instances.
@@ -198,14 +199,14 @@ warnings.filterwarnings("ignore", message='Field name "register"', category=User
 
 
 class Params(_Section):
-    seed: int = Field(0, ge=0, description="Seeds splitting, head init, shuffling and dropout.")
-    data: DataParams
-    model: ModelParams
-    features: FeatureParams = FeatureParams()
-    train: TrainParams = TrainParams()
-    evaluate: EvaluateParams = EvaluateParams()
-    gate: GateParams = GateParams()
-    register: RegisterParams = RegisterParams()
+    seed: int = Field(ge=0, description="Seeds splitting, head init, shuffling and dropout.")
+    data: DataParams = Field(description="The data set: source, columns, validation, split sizes (prepare).")
+    model: ModelParams = Field(description="The pretrained backbone (fetch) and its tokenization.")
+    features: FeatureParams = Field(description="Frozen-backbone embeddings and transferability (features).")
+    train: TrainParams = Field(description="Transfer strategies and baselines (train).")
+    evaluate: EvaluateParams = Field(description="Intervals, verdict, bias and robustness probes (evaluate).")
+    gate: GateParams = Field(description="Thresholds a model must meet to be registered.")
+    register: RegisterParams = Field(description="The MLflow experiment, model name, aliases (register).")
 
     @field_validator("data")
     @classmethod

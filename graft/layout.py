@@ -2,14 +2,18 @@
 
 Stage functions take their inputs and outputs as arguments; a stage's `main()` passes the paths
 of `Layout()` (the current directory), and tests pass `Layout(tmp_path)`. No module in `tasks/`
-imports another stage module to learn where something is. `dvc.yaml` names the same paths;
-`tests/test_dvc_contract.py` checks that the two agree.
+imports another stage module to learn where something is. `dvc.yaml` names the same paths and
+says which stage writes each (read by `produced_by`); `tests/test_dvc_contract.py` checks that
+the two agree.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 from graft.errors import GraftError
 
@@ -147,6 +151,12 @@ class Layout:
     def report_html(self) -> Path:
         return self._p("reports/report.html")
 
+    @property
+    def evaluate_report(self) -> Path:
+        """evaluate's run facts (seconds, forward passes per model): no stage depends on them, so
+        evaluating the same models again changes nothing that register reads."""
+        return self._p("reports/evaluate.json")
+
     # register
     @property
     def registration(self) -> Path:
@@ -155,22 +165,22 @@ class Layout:
 
 SPLITS = ("train", "val", "test")
 
-# Which stage writes what, so a missing input can name the stage to run first.
-PRODUCED_BY = {
-    "data/raw": "prepare",
-    "data/prepared": "prepare",
-    "models/pretrained": "fetch",
-    "data/features": "features",
-    "reports/transferability.json": "features",
-    "models/finetuned": "train",
-    "models/baselines": "train",
-    "reports/train.json": "train",
-    "reports/metrics.json": "evaluate",
-    "reports/transfer.json": "evaluate",
-    "reports/gate.json": "evaluate",
-    "reports/bias.json": "evaluate",
-    "reports/robustness.json": "evaluate",
-}
+PIPELINE_FILE = "dvc.yaml"
+
+
+@functools.lru_cache(maxsize=8)
+def produced_by(root: Path = Path(".")) -> dict[str, str]:
+    """Which stage writes what, read from dvc.yaml's outs, metrics and plots (the one list of a
+    stage's outputs), so a missing input can name the stage to run first."""
+    path = Path(root) / PIPELINE_FILE
+    if not path.exists():
+        path = Path(__file__).resolve().parents[1] / PIPELINE_FILE  # the checkout graft runs from
+    if not path.exists():
+        return {}
+    with open(path) as handle:
+        stages = (yaml.safe_load(handle) or {}).get("stages", {})
+    return {next(iter(out)) if isinstance(out, dict) else str(out): name
+            for name, spec in stages.items() for kind in ("outs", "metrics", "plots") for out in spec.get(kind) or []}
 
 
 def require(*paths: Path, root: Path | None = None) -> None:
@@ -184,6 +194,8 @@ def require(*paths: Path, root: Path | None = None) -> None:
                 relative = Path(path).relative_to(root)
             except ValueError:
                 pass
-        stage = next((s for prefix, s in PRODUCED_BY.items() if relative.as_posix().startswith(prefix)), None)
+        name = relative.as_posix()
+        stage = next((s for out, s in produced_by(Path(root or ".")).items()
+                      if name == out or name.startswith(out.rstrip("/") + "/")), None)
         hint = f"; run the {stage!r} stage first (graft stage {stage})" if stage else ""
         raise GraftError(f"{path}: input not found{hint}")

@@ -108,11 +108,18 @@ def lineage(*, datacard: dict, manifest: dict, dvc_lock: Path) -> dict[str, str]
         "dvc_lock_sha256": hashlib.sha256(dvc_lock.read_bytes()).hexdigest() if dvc_lock.exists() else "none",
         "data_fingerprint": datacard["fingerprint"],
         "data_source": datacard.get("source", "unknown"),
-        "backbone_source": f"{source.get('kind', '?')}:{source.get('ref', '?')}"
-                           + (f"@{source['commit']}" if source.get("commit") else ""),
+        "backbone_source": backbone_source(source),
         "backbone_sha256": backbone_digest,
         "prefect_flow_run_id": flow_run_id() or "none",
     }
+
+
+def backbone_source(source: dict) -> str:
+    """`kind:ref[@commit]` of the manifest's source, the kind written once (a package ref already
+    starts with `package:`)."""
+    kind, ref = source.get("kind", "?"), str(source.get("ref", "?"))
+    where = ref if ref.startswith(f"{kind}:") else f"{kind}:{ref}"
+    return where + (f"@{source['commit']}" if source.get("commit") else "")
 
 
 def flow_run_id() -> str | None:

@@ -92,6 +92,14 @@ def grouped_bars_png(values: Mapping[str, Mapping[str, float | None]], ylabel: s
     return _png(fig)
 
 
+def note_png(message: str) -> bytes:
+    """A plot that says why there is nothing to plot (a declared output is always written)."""
+    fig, ax = plt.subplots(figsize=(4.0, 1.2))
+    ax.axis("off")
+    ax.text(0.5, 0.5, message, ha="center", va="center")
+    return _png(fig)
+
+
 def _img(png: bytes | None, alt: str) -> str:
     if not png:
         return "<p><em>no plot: nothing to show</em></p>"

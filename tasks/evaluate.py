@@ -46,6 +46,7 @@ from graft.report import (
     confusion_png,
     gate_failure_message,
     grouped_bars_png,
+    note_png,
     render_html,
 )
 from graft.robustness import perturb, robustness_probe
@@ -317,8 +318,9 @@ def assess(
             "predictions": pred, "y_test": y_test}
 
 
-def plots(result: Mapping, classes: list[str]) -> dict[str, bytes | None]:
-    """PNG bytes of every plot, shared by reports/plots/ and the inline report."""
+def plots(result: Mapping, classes: list[str]) -> dict[str, bytes]:
+    """PNG bytes of every plot, shared by reports/plots/ and the inline report (every one is a
+    declared output, so each is written, saying so when there is nothing to show)."""
     pred, y = result["predictions"][result["proposed"]], result["y_test"]
     matrix = confusion_matrix(y, pred, labels=range(len(classes)))
     cf = result["bias"]["counterfactual"]
@@ -330,17 +332,19 @@ def plots(result: Mapping, classes: list[str]) -> dict[str, bytes | None]:
                                            "counterfactual flip rate"),
         "robustness": grouped_bars_png({n: {k: v["flip_rate"] for k, v in c["perturbations"].items()} for n, c in rob.items()},
                                        "robustness flip rate"),
-        "groups": None,
     }
     if result["bias"]["groups"]:
         bars = {f"{col}:{cand}": {g: m["accuracy"] for g, m in r["groups"].items()}
                 for col, per in result["bias"]["groups"].items() for cand, r in per.items()}
         out["groups"] = grouped_bars_png(bars, "accuracy per group")
+    else:
+        out["groups"] = note_png("no group columns (data.group_columns)")
     return out
 
 
 def evaluate(params: config.Params, *, layout: Layout | None = None) -> dict:
-    """Write reports/{metrics,transfer,bias,robustness,gate}.json, plots and report.html; return them."""
+    """Write reports/{metrics,transfer,bias,robustness,gate}.json, plots and report.html, and the
+    run facts in reports/evaluate.json; return them."""
     layout = layout or Layout()
     started = time.perf_counter()
     require(layout.datacard, root=layout.root)
@@ -365,14 +369,11 @@ def evaluate(params: config.Params, *, layout: Layout | None = None) -> dict:
                     transferred=transferred, visible=scorers[BACKBONE_PROBE].changed)
     images = plots(result, classes)
     for name, png in images.items():
-        if png is not None:
-            with atomic_path(layout.plots_dir / f"{name}.png") as tmp:
-                tmp.write_bytes(png)
+        with atomic_path(layout.plots_dir / f"{name}.png") as tmp:
+            tmp.write_bytes(png)
     confusion_rows = pd.DataFrame({"actual": [classes[i] for i in result["y_test"]],
                                    "predicted": [classes[i] for i in result["predictions"][result["proposed"]]]})
     atomic_write_text(layout.plots_dir / "confusion.csv", confusion_rows.to_csv(index=False))
-    result["metrics"]["evaluate_seconds"] = round(time.perf_counter() - started, 2)
-    result["metrics"]["forward_passes"] = {name: s.forwarded for name, s in scorers.items()}
     write_json(layout.metrics, result["metrics"])
     write_json(layout.transfer, result["transfer"])
     write_json(layout.bias, result["bias"])
@@ -381,6 +382,11 @@ def evaluate(params: config.Params, *, layout: Layout | None = None) -> dict:
     atomic_write_text(layout.report_html, render_html(
         transfer=result["transfer"], gate=result["gate"], bias=result["bias"], robustness=result["robustness"],
         datacard=card, plots=images))
+    # run facts go to a report no stage depends on: register reads the reports above, and must
+    # find them unchanged when the same models are evaluated again
+    result["run_facts"] = {"seconds": round(time.perf_counter() - started, 2),
+                           "forward_passes": {name: s.forwarded for name, s in scorers.items()}}
+    write_json(layout.evaluate_report, result["run_facts"])
     return result
 
 

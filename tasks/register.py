@@ -14,10 +14,13 @@ from graft.errors import GraftError, exits_cleanly
 from graft.files import atomic_write_text, read_json, write_json
 from graft.layout import SPLITS, Layout, require
 
-# train.json holds run facts (seconds, throughput): the flow logs it to the run afterwards, so
-# that register does not depend on it and a re-train with nothing changed registers nothing new
-LOGGED_REPORTS = ("metrics.json", "transfer.json", "gate.json", "transferability.json",
-                  "bias.json", "robustness.json", "report.html", "datacard.md")
+
+def logged_reports(layout: Layout) -> tuple[Path, ...]:
+    """The reports register logs to the run. train.json and evaluate.json hold run facts
+    (seconds, throughput): the flow logs them afterwards, so that register does not depend on
+    them and re-running a stage with nothing changed registers nothing new."""
+    return (layout.metrics, layout.transfer, layout.gate, layout.transferability, layout.bias, layout.robustness,
+            layout.report_html, layout.datacard_md)
 
 
 def proposed_model_dir(layout: Layout) -> Path:
@@ -67,9 +70,9 @@ def register(params: config.Params, layout: Layout | None = None, uri: str | Non
             dataset = mlflow.data.from_pandas(frame, source=str(path.resolve()), targets="label", name=split,
                                               digest=card["splits"][split]["fingerprint"][:20])
             mlflow.log_input(dataset, context=split)
-        for name in LOGGED_REPORTS:
-            if (layout.reports_dir / name).exists():
-                mlflow.log_artifact(str(layout.reports_dir / name), artifact_path="reports")
+        for report in logged_reports(layout):
+            if report.exists():
+                mlflow.log_artifact(str(report), artifact_path="reports")
         if layout.plots_dir.exists():
             mlflow.log_artifacts(str(layout.plots_dir), artifact_path="reports/plots")
 

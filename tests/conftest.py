@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,53 @@ NEWS_CSV = FIXTURES / "news_tiny.csv"
 SHARED_DATA = REPO.parent / "shared" / "data"
 # What a workspace needs to run the stages exactly as a user's checkout does.
 WORKSPACE_FILES = ("dvc.yaml", "params.yaml", "graft", "tasks", "flows")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (children, grandchildren, ...), read from /proc: a test
+    picks its victim among the processes it started, never by name machine-wide."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # the command name (field 2) may hold spaces and parentheses: split after the last ')'
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # the process ended while we looked
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        children = sorted(child for child, ppid in parents.items() if ppid == parent)
+        found += children
+        todo += children
+    return found
+
+
+def argv(pid: int) -> list[str]:
+    """A process's arguments; empty when it has ended."""
+    try:
+        raw = (Path("/proc") / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return []
+    return raw.decode(errors="replace").split("\0")[:-1]
+
+
+def wait_for_descendant(proc: subprocess.Popen, args: tuple[str, ...], timeout: float) -> int:
+    """The PID of the first process below `proc` whose arguments contain `args` in a row (as
+    separate arguments: `sh -c "python -m tasks.train"` is not `python -m tasks.train`)."""
+    def runs(pid: int) -> bool:
+        have = argv(pid)
+        return any(tuple(have[i:i + len(args)]) == args for i in range(len(have)))
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [pid for pid in descendants(proc.pid) if runs(pid)]
+        if found:
+            return found[0]
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args} exited with {proc.returncode} before {' '.join(args)} started")
+        time.sleep(0.2)
+    raise AssertionError(f"no `{' '.join(args)}` process below PID {proc.pid} within {timeout}s")
 
 
 def build_tiny_bert(out_dir: Path, texts: list[str]) -> Path:
@@ -37,6 +85,26 @@ def build_tiny_bert(out_dir: Path, texts: list[str]) -> Path:
     BertModel(cfg).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_home_of_the_tests(tmp_path_factory):
+    """A `graft run` the tests start uses Prefect's ephemeral API, a SQLite file under
+    PREFECT_HOME: the tests' own, not the user's `~/.prefect` that a pipeline running beside the
+    suite writes to. (In-process flows run under `prefect_test_harness`, which has its own.)"""
+    import os
+
+    # a fresh home migrates a new database first: on 2 busy cores that outlasts Prefect's 20 s
+    ours = {"PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-home")),
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
+    saved = {key: os.environ.get(key) for key in ours}
+    os.environ.update(ours)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(autouse=True)

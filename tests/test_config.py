@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel, Field, create_model
 
 from graft import config
 from graft.errors import GraftError
@@ -47,6 +48,39 @@ def test_every_params_key_is_a_typed_field():
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     dumped = config.validate(raw).model_dump()
     assert _keys(raw) == _keys(dumped)
+
+
+def second_defaults(model: type[BaseModel], raw: dict, prefix: str = "") -> list[str]:
+    """Every field of `model` that carries a default of its own: a second place for a value that
+    params.yaml holds (and one that may disagree with it), named with both values."""
+    found = []
+    for key, info in model.model_fields.items():
+        dotted, given = f"{prefix}{key}", raw.get(key, "(absent)")
+        if not info.is_required():
+            default = info.get_default(call_default_factory=True)
+            found.append(f"{dotted}: {default!r} in graft/config.py and {given!r} in params.yaml"
+                         + ("" if default == given else ": they disagree"))
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            found += second_defaults(info.annotation, given if isinstance(given, dict) else {}, f"{dotted}.")
+    return found
+
+
+def test_every_default_is_written_once_in_params_yaml():
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert second_defaults(config.Params, raw) == []
+
+
+def test_the_defaults_check_fails_when_one_default_is_changed_in_one_place_only():
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    # a default in graft/config.py beside params.yaml's, as data.encoding_fallback once was (None vs latin-1)
+    data = create_model("Data", __base__=config.DataParams,
+                        encoding_fallback=(str | None, Field(None, description="a second default")))
+    assert second_defaults(data, raw["data"], "data.") == [
+        "data.encoding_fallback: None in graft/config.py and 'latin-1' in params.yaml: they disagree"]
+    # ... and params.yaml changed alone: a key it no longer holds is reported, not filled in from elsewhere
+    del raw["data"]["encoding_fallback"]
+    with pytest.raises(GraftError, match=r"data\.encoding_fallback: required key is missing"):
+        config.validate(raw, "params.yaml")
 
 
 def test_all_problems_reported_at_once_with_their_keys():

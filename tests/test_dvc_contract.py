@@ -1,21 +1,26 @@
 """dvc.yaml tells the truth: each stage lists every file it reads (its module, the graft/ modules
-it imports, its data) and exactly the params it reads, and no stage module imports another.
+it imports, its data), exactly the params it reads and every file it writes, and no stage module
+imports another.
 
 Imports are derived statically (every `import` in the module and, transitively, in the graft
 modules it uses); file reads and params reads are derived by running each stage under an audit
-hook and a params recorder, in a tiny workspace.
+hook and a params recorder, in a tiny workspace; writes by listing the files of the workspace
+that each stage created or replaced.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from graft.layout import SPLITS
 
 from .conftest import REPO, make_workspace, pin_sources, tiny_params
 
@@ -112,8 +117,9 @@ def covered(path: str, entries: list[str]) -> bool:
 
 
 def contract_gaps(stage: str, spec: dict, *, imports: set[str], reads: list[str], params_read: list[str],
-                  sections: list[str]) -> list[str]:
-    """Everything the stage uses that its dvc.yaml entry does not declare (and declared params it never reads)."""
+                  sections: list[str], writes: list[str]) -> list[str]:
+    """Everything the stage uses or writes that its dvc.yaml entry does not declare (and declared
+    params it never reads, declared outputs it never writes)."""
     deps, outs = declared(spec), outputs(spec)
     gaps = [f"{stage}: imports {m} but dvc.yaml does not list it" for m in sorted(imports) if not covered(m, deps)]
     gaps += [f"{stage}: reads {r} but dvc.yaml does not list it" for r in reads
@@ -124,7 +130,21 @@ def contract_gaps(stage: str, spec: dict, *, imports: set[str], reads: list[str]
              if not any(p == w or p.startswith(w + ".") for w in wanted)]
     gaps += [f"{stage}: lists param {w} but never reads it" for w in wanted
              if not any(p == w or p.startswith(w + ".") for p in used)]
+    gaps += [f"{stage}: writes {w} but dvc.yaml does not declare it as an output" for w in writes
+             if not covered(w, outs) and not w.startswith(UNDECLARED_OK)]
+    gaps += [f"{stage}: declares output {o} but never writes it" for o in outs if not any(covered(w, [o]) for w in writes)]
     return gaps
+
+
+def files_state(root: Path) -> dict[str, tuple[int, int, int]]:
+    """Every file of the workspace (code caches aside) with what changes when it is written."""
+    state = {}
+    for path in root.rglob("*"):
+        if "__pycache__" in path.parts or not path.is_file():
+            continue
+        st = path.stat()
+        state[path.relative_to(root).as_posix()] = (st.st_ino, st.st_mtime_ns, st.st_size)
+    return state
 
 
 def test_no_stage_module_imports_another():
@@ -136,7 +156,9 @@ def test_no_stage_module_imports_another():
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory, tiny_model_dir) -> dict:
     """Each stage run once in a tiny workspace, in pipeline order, with its reads recorded."""
-    root = make_workspace(tmp_path_factory.mktemp("contract") / "ws", tiny_params(tiny_model_dir))
+    params = tiny_params(tiny_model_dir)
+    params["data"]["group_columns"] = ["region"]  # evaluate's per-group branch writes too
+    root = make_workspace(tmp_path_factory.mktemp("contract") / "ws", params)
     pin_sources(root)
     script = root.parent / "recorder.py"
     script.write_text(RECORDER)
@@ -145,9 +167,12 @@ def traced(tmp_path_factory, tiny_model_dir) -> dict:
     traces = {}
     for stage in STAGES:
         out = root.parent / f"{stage}.json"
+        before = files_state(root)
         proc = subprocess.run([sys.executable, str(script), stage, str(out)], cwd=root, capture_output=True,
                               text=True, env={**__import__("os").environ, "MLFLOW_TRACKING_URI": ""})
         assert proc.returncode == 0, proc.stderr[-2000:]
+        after = files_state(root)
+        writes = sorted(p for p, state in after.items() if before.get(p) != state)
         trace = json.loads(out.read_text())
         reads = []
         for path in trace["reads"]:
@@ -163,7 +188,7 @@ def traced(tmp_path_factory, tiny_model_dir) -> dict:
                 for key in ("data_source", "model_source"):
                     if sources[key] and p.is_relative_to(Path(sources[key])):
                         reads.append(str(p))
-        traces[stage] = {"reads": sorted(set(reads)), "params": trace["params"]}
+        traces[stage] = {"reads": sorted(set(reads)), "params": trace["params"], "writes": writes}
     spec = yaml.safe_load((root / "dvc.yaml").read_text())
     for stage in spec["stages"].values():  # resolve ${data_source} / ${model_source}
         stage["deps"] = [sources[d[2:-1]] if str(d).startswith("${") else d for d in stage.get("deps", [])]
@@ -171,14 +196,15 @@ def traced(tmp_path_factory, tiny_model_dir) -> dict:
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_dvc_yaml_declares_everything_the_stage_reads(traced: dict, stage: str):
+def test_dvc_yaml_declares_everything_the_stage_reads_and_writes(traced: dict, stage: str):
     spec = traced["spec"]["stages"][stage]
     trace = traced["traces"][stage]
     sections = list(yaml.safe_load((REPO / "params.yaml").read_text()))
     gaps = contract_gaps(stage, spec, imports=import_closure(stage), reads=trace["reads"],
-                         params_read=trace["params"], sections=sections)
+                         params_read=trace["params"], sections=sections, writes=trace["writes"])
     assert gaps == [], "\n".join(gaps)
     assert trace["reads"], f"{stage} read no file at all: the recorder is broken"
+    assert trace["writes"], f"{stage} wrote no file at all: the snapshot is broken"
 
 
 def test_the_check_fails_when_one_dependency_is_removed(traced: dict):
@@ -189,9 +215,60 @@ def test_the_check_fails_when_one_dependency_is_removed(traced: dict):
     for removed in declared(spec):
         mutated = {**spec, "deps": [d for d in spec["deps"] if d != removed]}
         gaps = contract_gaps("train", mutated, imports=import_closure("train"), reads=trace["reads"],
-                             params_read=trace["params"], sections=sections)
+                             params_read=trace["params"], sections=sections, writes=trace["writes"])
         assert any(removed in gap for gap in gaps), f"removing {removed} went unnoticed"
     mutated = {**spec, "params": [p for p in spec["params"] if p != "train"]}
     assert any("reads param train." in g for g in contract_gaps(
         "train", mutated, imports=import_closure("train"), reads=trace["reads"], params_read=trace["params"],
-        sections=sections))
+        sections=sections, writes=trace["writes"]))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_the_check_fails_when_one_output_is_removed(traced: dict, stage: str):
+    """Remove each declared output of the stage in turn: the check names the files it writes there."""
+    sections = list(yaml.safe_load((REPO / "params.yaml").read_text()))
+    spec = traced["spec"]["stages"][stage]
+    trace = traced["traces"][stage]
+    for removed in outputs(spec):
+        mutated = {kind: [o for o in spec.get(kind, []) if (next(iter(o)) if isinstance(o, dict) else o) != removed]
+                   for kind in ("outs", "metrics", "plots")}
+        gaps = contract_gaps(stage, {**spec, **mutated}, imports=import_closure(stage), reads=trace["reads"],
+                             params_read=trace["params"], sections=sections, writes=trace["writes"])
+        assert any(f"writes {removed}" in gap and "does not declare it" in gap for gap in gaps), \
+            f"removing output {removed} of {stage} went unnoticed"
+
+
+def readme_stage_table(text: str) -> dict[str, list[str]]:
+    """The README's stage table as {stage: every path its `writes` column names}, braces and
+    `<split>` expanded."""
+    def expand(path: str) -> list[str]:
+        match = re.search(r"\{([^{}]*)\}", path)
+        if match:
+            return [p for alt in match[1].split(",") for p in expand(path[:match.start()] + alt + path[match.end():])]
+        return [path.replace("<split>", s) for s in SPLITS] if "<split>" in path else [path.rstrip("/")]
+
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0] in STAGES:
+            rows[cells[0]] = [p for token in re.findall(r"`([^`]+)`", cells[2]) if "/" in token for p in expand(token)]
+    return rows
+
+
+def test_the_readme_stage_table_names_what_each_stage_writes():
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    table = readme_stage_table((REPO / "README.md").read_text())
+    assert set(table) == set(STAGES)
+    for stage, named in table.items():
+        outs = outputs(spec[stage])
+        assert [p for p in named if not covered(p, outs)] == [], f"README: {stage} does not write these"
+        assert [o for o in outs if not any(covered(p, [o]) for p in named)] == [], f"README: {stage}'s table row misses"
+
+
+def test_the_readme_check_fails_on_a_path_no_stage_writes():
+    text = (REPO / "README.md").read_text().replace("`reports/report.html`", "`reports/plots/confusion_matrix.png`")
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    named = readme_stage_table(text)["evaluate"]
+    assert "reports/plots/confusion_matrix.png" in named and not covered("reports/plots/confusion_matrix.png",
+                                                                         outputs(spec["evaluate"]))
+    assert not any(covered(p, ["reports/report.html"]) for p in named)

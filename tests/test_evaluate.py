@@ -3,6 +3,7 @@ and the reports of a real run (DESIGN.md contracts, DVC metrics/plots, the HTML 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -98,7 +99,8 @@ def test_accuracy_intervals_cover_the_true_accuracy_at_about_the_nominal_rate():
 def _gate_params(**overrides) -> config.GateParams:
     base = dict(min_accuracy=0.5, min_macro_f1=0.5, max_group_gap=0.1, max_counterfactual_flip_rate=0.1,
                 max_robustness_flip_rate=0.1)
-    return config.GateParams(**{**base, **overrides})
+    committed = yaml.safe_load((REPO / "params.yaml").read_text())["gate"]
+    return config.GateParams(**{**committed, **base, **overrides})
 
 
 def _verdict(name: str, points: float) -> dict:
@@ -414,11 +416,17 @@ def test_dvc_metrics_and_plots_work_after_a_run(evaluated: Path):
     assert "reports/metrics.json" in shown and "test.accuracy" in shown
     params = evaluated / "params.yaml"
     original = params.read_text()
-    params.write_text(original.replace("max_probe_texts: 200", "max_probe_texts: 5"))
+    assert "confidence: 0.95" in original
+    params.write_text(original.replace("confidence: 0.95", "confidence: 0.9"))
     try:
         _run(evaluated, *dvc, "repro", "evaluate")
-        diff = _run(evaluated, *dvc, "metrics", "diff", "--all")
-        assert "probes.robustness_max_flip_rate" in diff or "evaluate_seconds" in diff
+        diff = json.loads(_run(evaluated, *dvc, "metrics", "diff", "--json"))
+        # the changed param moves exactly the metric it sets: DVC sees the new value
+        assert diff["reports/transfer.json"]["confidence"]["old"] == 0.95
+        assert diff["reports/transfer.json"]["confidence"]["new"] == 0.9
+        # run facts sit in evaluate.json, which no stage reads, never in register's inputs
+        assert "seconds" in read_json(evaluated / "reports/evaluate.json")
+        assert not {"evaluate_seconds", "forward_passes"} & set(read_json(evaluated / "reports/metrics.json"))
         out = _run(evaluated, *dvc, "plots", "show", "-o", str(evaluated / "dvc_plots"))
         page = (evaluated / "dvc_plots" / "index.html").read_text()
         assert "confusion" in page and "counterfactual.png" in page, out
