@@ -196,6 +196,9 @@ def test_a_model_keyed_on_a_gendered_word_is_caught_and_fails_the_gate(biased: b
         assert directions["male->female"]["flip_rate"] == pytest.approx(0.5, abs=0.1)
         assert directions["female->male"]["flip_rate"] == pytest.approx(0.5, abs=0.1)
         assert directions["male->female"]["examples"]
+        # the direction survives: making the subject a woman moves probability from sport to food
+        assert directions["male->female"]["mean_shift"]["food"] > 0.3 > -0.3 > directions["male->female"]["mean_shift"]["sport"]
+        assert directions["female->male"]["mean_shift"]["food"] < -0.3
         assert not checks["max_counterfactual_flip_rate"]["passed"] and not result["gate"]["passed"]
         assert [c["name"] for c in result["gate"]["checks"] if not c["passed"]] == ["max_counterfactual_flip_rate"]
     else:
@@ -226,6 +229,7 @@ def test_group_metrics_report_a_planted_gap_within_its_interval():
     low, high = result["gap_ci"]["accuracy"]
     print(f"planted group gap 0.20: reported {result['gaps']['accuracy']:.3f} [{low:.3f}, {high:.3f}]")  # noqa: T201
     assert low <= 0.2 <= high and low > 0.1
+    assert result["gap_direction"]["accuracy"] == {"lower": "b", "higher": "a"}
     assert {"false_positive_rate", "false_negative_rate", "selection_rate[pos]"} <= set(result["groups"]["a"])
     assert result["groups"]["a"]["accuracy"] == pytest.approx(0.9)
 
@@ -328,7 +332,8 @@ def test_template_probe_gap_is_zero_for_a_model_blind_to_identity():
     low, high = biased["gender"]["gap_ci"]["sport"]
     assert low - 1e-9 <= 0.8 <= high + 1e-9
     assert biased["gender"]["mean_proba"]["female"]["sport"] == pytest.approx(0.9)
-    assert biased["ethnicity"]["max_gap"] == 0.0
+    assert biased["gender"]["max_gap_direction"] == {"class": "sport", "lower": "male", "higher": "female"}
+    assert biased["ethnicity"]["max_gap"] == 0.0 and biased["ethnicity"]["max_gap_direction"]["lower"] is None
 
 
 def test_cooccurrence_counts_terms_per_label():
