@@ -325,6 +325,6 @@ def template_probe(predict: Predictor, frame: pd.DataFrame, axes: Sequence[str],
             "gap_direction": direction,
             "gap_ci": {c: interval(boot_gaps[:, k], confidence) for k, c in enumerate(classes)},
             "max_gap": float(gaps.max()),
-            "max_gap_direction": {"class": widest, **direction[widest]},
+            "max_gap_direction": {"class": widest if gaps.max() > 0 else None, **direction[widest]},
         }
     return out

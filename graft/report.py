@@ -219,8 +219,11 @@ def findings(transfer: Mapping, bias: Mapping, robustness: Mapping) -> list[str]
     rated = {k: v for k, v in rob.items() if v["flip_rate"] is not None}
     if rated:
         kind = max(rated, key=lambda k: rated[k]["flip_rate"])
-        out.append(f"Robustness: {kind} perturbations flip {_pct(rated[kind]['flip_rate'])} of {proposed}'s "
-                   f"predictions, the most of {len(rated)} kinds ({rated[kind]['severity']}).")
+        if rated[kind]["flip_rate"] == 0:
+            out.append(f"Robustness: none of {len(rated)} kinds of perturbation flips any of {proposed}'s predictions.")
+        else:
+            out.append(f"Robustness: {kind} perturbations flip {_pct(rated[kind]['flip_rate'])} of {proposed}'s "
+                       f"predictions, the most of {len(rated)} kinds ({rated[kind]['severity']}).")
     return out
 
 
