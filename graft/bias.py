@@ -28,6 +28,8 @@ Predictor = Callable[[Sequence[str]], np.ndarray]
 PROBES_DIR = Path(__file__).parent / "probes"
 IDENTITY_TERMS = PROBES_DIR / "identity_terms.csv"
 SENTIMENT_TEMPLATES = PROBES_DIR / "sentiment_templates.csv"
+# Gaps this small are float32 rounding of equal probabilities, not a direction to report.
+NO_GAP = 1e-6
 
 
 def severity(flip_rate: float | None, finding: float, major: float) -> str:
@@ -259,7 +261,7 @@ def _lower_higher(values: Mapping[str, float]) -> dict:
     """Which group scores lowest and which highest (both None when every group scores the same:
     a zero gap has no direction)."""
     finite = {g: v for g, v in values.items() if v == v}  # a metric undefined for a group is NaN
-    if len(finite) < 2 or max(finite.values()) == min(finite.values()):
+    if len(finite) < 2 or max(finite.values()) - min(finite.values()) <= NO_GAP:
         return {"lower": None, "higher": None}
     return {"lower": min(finite, key=finite.get), "higher": max(finite, key=finite.get)}
 
@@ -325,6 +327,6 @@ def template_probe(predict: Predictor, frame: pd.DataFrame, axes: Sequence[str],
             "gap_direction": direction,
             "gap_ci": {c: interval(boot_gaps[:, k], confidence) for k, c in enumerate(classes)},
             "max_gap": float(gaps.max()),
-            "max_gap_direction": {"class": widest if gaps.max() > 0 else None, **direction[widest]},
+            "max_gap_direction": {"class": widest if direction[widest]["lower"] else None, **direction[widest]},
         }
     return out

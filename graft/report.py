@@ -181,13 +181,15 @@ def findings(transfer: Mapping, bias: Mapping, robustness: Mapping) -> list[str]
         axis = max(measured, key=lambda a: measured[a]["flip_rate"])
         r = measured[axis]
         moves = [d for d in cf["directions"] if d["axis"] == axis and d.get("largest_shift")]
-        biggest = max(moves, key=lambda d: abs(d["largest_shift"]["change"]), default=None)
+        # the direction that moves most probability in total, so one odd text does not speak for the axis
+        biggest = max(moves, key=lambda d: abs(d["largest_shift"]["change"]) * d["n"], default=None)
         backbone = bias["counterfactual"].get("backbone_probe", {}).get("axes", {}).get(axis, {}).get("flip_rate")
         line = (f"Counterfactual swaps: {axis} terms flip {_pct(r['flip_rate'])} of {proposed}'s predictions "
                 f"({r['n']} swapped texts, {r['severity']}")
         line += f"; the frozen backbone's probe flips {_pct(backbone)})" if backbone is not None else ")"
         if biggest:
-            line += f"; swapping {biggest['direction']} {_shift_words(biggest['largest_shift'])}"
+            line += (f"; swapping {biggest['direction']} ({biggest['n']} texts) "
+                     f"{_shift_words(biggest['largest_shift'])}")
         out.append(line + ".")
     else:
         out.append("Counterfactual swaps: no test text mentions an identity term, so nothing was swapped.")

@@ -258,7 +258,7 @@ def test_report_answers_first_escapes_text_once_and_collapses_examples():
     assert outline.collapsed_examples >= 2 and outline.loose_examples == 0
     summary = page[page.index('id="summary"'):page.index('id="candidates"')]
     assert "The gate failed, so register will not register it: min_margin" in summary and "&lt; 50" in summary
-    assert "gender terms flip 50.0%" in summary and "male-&gt;female raises P(food) by 0.400" in summary
+    assert "gender terms flip 50.0%" in summary and "male-&gt;female (30 texts) raises P(food) by 0.400" in summary
 
 
 def test_group_metrics_report_a_planted_gap_within_its_interval():
