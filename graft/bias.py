@@ -28,6 +28,8 @@ Predictor = Callable[[Sequence[str]], np.ndarray]
 PROBES_DIR = Path(__file__).parent / "probes"
 IDENTITY_TERMS = PROBES_DIR / "identity_terms.csv"
 SENTIMENT_TEMPLATES = PROBES_DIR / "sentiment_templates.csv"
+# Gaps this small are float32 rounding of equal probabilities, not a direction to report.
+NO_GAP = 1e-6
 
 
 def severity(flip_rate: float | None, finding: float, major: float) -> str:
@@ -142,7 +144,10 @@ def counterfactual_probe(predict: Predictor, texts: Sequence[str], directions: S
                          tolerance: float, finding: float, major: float, examples: int = 3,
                          original_proba: np.ndarray | None = None, classes: Sequence[str] | None = None) -> dict:
     """Flip rate and mean total-variation change of one candidate per axis and per swap direction,
-    with the texts whose prediction moved most. All swapped texts go through `predict` at once."""
+    with the texts whose prediction moved most. Each direction also carries the signed mean change
+    of every class's probability (`mean_shift`, swapped minus original) and the class that moved
+    most (`largest_shift`): a positive change means the model gives the swapped-in group more of
+    that class. All swapped texts go through `predict` at once."""
     base = original_proba if original_proba is not None else predict(list(texts))
     swapped_all = [t for d in directions for t in d["swapped"]]
     proba_all = predict(swapped_all) if swapped_all else np.zeros((0, base.shape[1]))
@@ -155,11 +160,16 @@ def counterfactual_probe(predict: Predictor, texts: Sequence[str], directions: S
         tv = total_variation(before, after)
         flips = before.argmax(1) != after.argmax(1)
         order = np.argsort(-(tv + flips))[:examples]
+        shift = (after - before).mean(0) if n else np.zeros(base.shape[1])
+        moved = int(np.abs(shift).argmax())
         entry = {
             "axis": d["axis"], "direction": f"{d['source']}->{d['target']}", "n": n,
             "flip_rate": float(flips.mean()) if n else None,
             "mean_tv": float(tv.mean()) if n else None,
             "share_tv_above_tolerance": float((tv > tolerance).mean()) if n else None,
+            # signed: what the swap does to each class's probability, so the direction survives
+            "mean_shift": {label(k): float(v) for k, v in enumerate(shift)},
+            "largest_shift": {"class": label(moved), "change": float(shift[moved])} if n else None,
             "examples": [{"text": texts[d["rows"][k]], "swapped": d["swapped"][k],
                           "before": label(before[k].argmax()), "after": label(after[k].argmax()),
                           "tv": float(tv[k])} for k in order if tv[k] > 0],
@@ -214,8 +224,9 @@ def cooccurrence(texts: Sequence[str], labels: Sequence[str], axes: Sequence[Ide
 def group_metrics(y_true: np.ndarray, y_pred: np.ndarray, groups: pd.Series, classes: Sequence[str], *,
                   samples: int, confidence: float, seed: int) -> dict:
     """Per-group accuracy, macro-F1, selection rate per class (and FPR/FNR when binary) through
-    fairlearn's MetricFrame, the largest gap per metric, and bootstrap intervals of the accuracy
-    and macro-F1 gaps (rows resampled within each group, so group sizes stay fixed)."""
+    fairlearn's MetricFrame, the largest gap per metric with its direction (`gap_direction`: the
+    group with the lowest and the highest value), and bootstrap intervals of the accuracy and
+    macro-F1 gaps (rows resampled within each group, so group sizes stay fixed)."""
     n_classes = len(classes)
     metrics: dict[str, Callable] = {
         "accuracy": accuracy_score,
@@ -231,6 +242,7 @@ def group_metrics(y_true: np.ndarray, y_pred: np.ndarray, groups: pd.Series, cla
                         sensitive_features=groups)
     by_group = {str(g): {m: float(v) for m, v in row.items()} for g, row in frame.by_group.iterrows()}
     gaps = {m: float(v) for m, v in frame.difference(method="between_groups").items()}
+    gap_direction = {m: _lower_higher({g: row[m] for g, row in by_group.items()}) for m in gaps}
     rng = np.random.default_rng(seed)
     boot: dict[str, list[np.ndarray]] = {"accuracy": [], "macro_f1": []}
     values = groups.to_numpy()
@@ -242,7 +254,16 @@ def group_metrics(y_true: np.ndarray, y_pred: np.ndarray, groups: pd.Series, cla
             boot[m].append(scores[m])
     gap_ci = {m: interval(np.ptp(np.stack(v), axis=0), confidence) for m, v in boot.items()}
     return {"groups": by_group, "sizes": {str(g): int(n) for g, n in groups.value_counts().items()},
-            "gaps": gaps, "gap_ci": gap_ci}
+            "gaps": gaps, "gap_direction": gap_direction, "gap_ci": gap_ci}
+
+
+def _lower_higher(values: Mapping[str, float]) -> dict:
+    """Which group scores lowest and which highest (both None when every group scores the same:
+    a zero gap has no direction)."""
+    finite = {g: v for g, v in values.items() if v == v}  # a metric undefined for a group is NaN
+    if len(finite) < 2 or max(finite.values()) - min(finite.values()) <= NO_GAP:
+        return {"lower": None, "higher": None}
+    return {"lower": min(finite, key=finite.get), "higher": max(finite, key=finite.get)}
 
 
 # ---------------------------------------------------------------- template probes
@@ -270,7 +291,9 @@ def load_template_probes(path: Path) -> tuple[pd.DataFrame, list[str]]:
 def template_probe(predict: Predictor, frame: pd.DataFrame, axes: Sequence[str], classes: Sequence[str], *,
                    samples: int, confidence: float, seed: int, proba: np.ndarray | None = None) -> dict:
     """Per-group mean predicted probability of each class on every axis, and the largest gap
-    between groups per class with a bootstrap interval.
+    between groups per class with a bootstrap interval and its direction (`gap_direction`: the
+    group given the lowest and the highest mean probability; `max_gap_direction` for the class
+    with the widest gap).
 
     The template is the unit: a group's mean is the mean over templates of its rows' mean in
     that template, and the bootstrap resamples templates, so every resample compares the same
@@ -294,12 +317,16 @@ def template_probe(predict: Predictor, frame: pd.DataFrame, axes: Sequence[str],
         idx = np.random.default_rng(seed).integers(0, len(full), size=(samples, len(full)))
         boot_gaps = np.ptp(per_template[idx].mean(1), axis=1)  # samples x K
         gaps = np.ptp(means, axis=0)
+        direction = {c: _lower_higher(dict(zip(names, means[:, k].tolist(), strict=True))) for k, c in enumerate(classes)}
+        widest = classes[int(gaps.argmax())]
         out[axis] = {
             "n": int(mask.sum()),
             "templates": len(full),
             "mean_proba": {g: dict(zip(classes, m.tolist(), strict=True)) for g, m in zip(names, means, strict=True)},
             "gap": dict(zip(classes, gaps.tolist(), strict=True)),
+            "gap_direction": direction,
             "gap_ci": {c: interval(boot_gaps[:, k], confidence) for k, c in enumerate(classes)},
             "max_gap": float(gaps.max()),
+            "max_gap_direction": {"class": widest if direction[widest]["lower"] else None, **direction[widest]},
         }
     return out

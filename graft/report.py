@@ -17,9 +17,10 @@ import numpy as np  # noqa: E402
 
 from graft.stats import verdict_sentence  # noqa: E402
 
-# Every section of the page, in order; tests check each id is in the rendered DOM.
+# Every section of the page, in reading order: the answer first, the evidence after it, the raw
+# examples last; tests check each id is in the rendered DOM.
 SECTIONS = {
-    "verdict": "Verdict",
+    "summary": "Summary",
     "candidates": "Candidates",
     "confusion": "Confusion matrix",
     "groups": "Per-group metrics",
@@ -29,6 +30,7 @@ SECTIONS = {
     "robustness": "Robustness",
     "gate": "Gate",
     "datacard": "Data card",
+    "examples": "Examples",
 }
 INHERITED_NOTE = (
     "An identity term absent from the training data has zero weight in TF-IDF, so a change under "
@@ -100,6 +102,14 @@ def note_png(message: str) -> bytes:
     return _png(fig)
 
 
+def html_text(value, limit: int | None = None) -> str:
+    """Data text (articles, labels, group names) as HTML, escaped exactly once. Source texts may
+    carry HTML entities of their own (the BBC corpus writes `&#163;1.8m`); they are decoded first
+    so the page shows £1.8m, and cut after decoding so no entity is cut in half."""
+    decoded = html.unescape("—" if value is None else str(value))
+    return html.escape(decoded if limit is None else decoded[:limit])
+
+
 def _img(png: bytes | None, alt: str) -> str:
     if not png:
         return "<p><em>no plot: nothing to show</em></p>"
@@ -108,93 +118,232 @@ def _img(png: bytes | None, alt: str) -> str:
 
 def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     def cell(v):
-        if isinstance(v, float):
-            return f"{v:.4f}"
-        return html.escape("—" if v is None else str(v))
+        return f"{v:.4f}" if isinstance(v, float) else html_text(v)
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def _examples(items: Sequence[Mapping], key: str) -> str:
-    if not items:
-        return ""
-    lis = "".join(f"<li>{html.escape(e['text'][:200])} → <b>{html.escape(e[key][:200])}</b> "
-                  f"({html.escape(str(e['before']))} → {html.escape(str(e['after']))}, TV {e['tv']:.3f})</li>"
+    lis = "".join(f"<li>{html_text(e['text'], 200)} → <b>{html_text(e[key], 200)}</b> "
+                  f"({html_text(e['before'])} → {html_text(e['after'])}, TV {e['tv']:.3f})</li>"
                   for e in items)
     return f"<ul class=examples>{lis}</ul>"
 
 
+def _collapsed(title: str, body: str) -> str:
+    return f"<details><summary>{title}</summary>{body}</details>"
+
+
+def _num(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _pct(rate: float | None) -> str:
+    return "—" if rate is None else f"{100 * rate:.1f}%"
+
+
+def _interval(ci: Sequence[float]) -> str:
+    return "[{:.3f}, {:.3f}]".format(*ci)
+
+
+def check_words(check: Mapping) -> str:
+    """A failed gate check with its value and the threshold it missed, e.g. `min_margin 0.86 < 1`."""
+    name, value, threshold = check["name"], check["value"], check["threshold"]
+    if name == "verdict":
+        return f"verdict {value} (required: {threshold} or better)"
+    return f"{name} {_num(value)} {'>' if name.startswith('max_') else '<'} {_num(threshold)}"
+
+
+def registration_sentence(gate: Mapping) -> str:
+    """Registered or not, and why: at evaluate time that is the gate's decision."""
+    if gate["passed"]:
+        return "The gate passed: register will register it as challenger."
+    failed = [check_words(c) for c in gate["checks"] if not c["passed"]]
+    return "The gate failed, so register will not register it: " + "; ".join(failed) + "."
+
+
+def _shift_words(shift: Mapping | None) -> str:
+    if not shift or shift["change"] == 0:
+        return "no class's probability moves on average"
+    verb = "raises" if shift["change"] > 0 else "lowers"
+    return f"{verb} P({shift['class']}) by {abs(shift['change']):.3f} on average"
+
+
+def findings(transfer: Mapping, bias: Mapping, robustness: Mapping) -> list[str]:
+    """The top findings about the proposed candidate as sentences (plain text), each with its
+    size and, for a gap, its direction: which group the model rates lower."""
+    proposed = transfer["proposed"]
+    level = f"{round(100 * transfer.get('confidence', 0.95))}%"
+    out = []
+    mine = transfer["candidates"][proposed]["test"]
+    line = f"{proposed}: test accuracy {mine['accuracy']:.4f} {_interval(mine['accuracy_ci'])}"
+    if transfer.get("best_baseline") in transfer["candidates"]:
+        best = transfer["candidates"][transfer["best_baseline"]]["test"]
+        line += f" against {transfer['best_baseline']} {best['accuracy']:.4f} {_interval(best['accuracy_ci'])}"
+    out.append(line + f" ({level} intervals).")
+
+    cf = bias["counterfactual"].get(proposed, {})
+    measured = {a: r for a, r in cf.get("axes", {}).items() if r["flip_rate"] is not None}
+    if measured:
+        axis = max(measured, key=lambda a: measured[a]["flip_rate"])
+        r = measured[axis]
+        moves = [d for d in cf["directions"] if d["axis"] == axis and d.get("largest_shift")]
+        # the direction that moves most probability in total, so one odd text does not speak for the axis
+        biggest = max(moves, key=lambda d: abs(d["largest_shift"]["change"]) * d["n"], default=None)
+        backbone = bias["counterfactual"].get("backbone_probe", {}).get("axes", {}).get(axis, {}).get("flip_rate")
+        line = (f"Counterfactual swaps: {axis} terms flip {_pct(r['flip_rate'])} of {proposed}'s predictions "
+                f"({r['n']} swapped texts, {r['severity']}")
+        line += f"; the frozen backbone's probe flips {_pct(backbone)})" if backbone is not None else ")"
+        if biggest:
+            line += (f"; swapping {biggest['direction']} ({biggest['n']} texts) "
+                     f"{_shift_words(biggest['largest_shift'])}")
+        out.append(line + ".")
+    else:
+        out.append("Counterfactual swaps: no test text mentions an identity term, so nothing was swapped.")
+
+    tp = (bias.get("templates") or {}).get("candidates", {}).get(proposed) or {}
+    if tp:
+        axis = max(tp, key=lambda a: tp[a]["max_gap"])
+        r = tp[axis]
+        d = r.get("max_gap_direction") or {}
+        if d.get("lower") is None:
+            out.append(f"Template probes: no gap between {axis} groups in any class's mean probability.")
+        else:
+            ci = _interval(r["gap_ci"][d["class"]])
+            out.append(f"Template probes: the largest gap is on {axis}: {proposed} gives {d['lower']} templates a "
+                       f"P({d['class']}) {r['max_gap']:.3f} lower than {d['higher']} templates ({level} interval {ci}).")
+
+    gaps = [(column, metric, g[proposed]["gaps"][metric], g[proposed].get("gap_direction", {}).get(metric, {}),
+             g[proposed]["gap_ci"][metric])
+            for column, g in bias.get("groups", {}).items() if proposed in g for metric in ("accuracy", "macro_f1")]
+    if gaps:
+        column, metric, gap, direction, ci = max(gaps, key=lambda x: x[2])
+        if direction.get("lower") is None:
+            out.append(f"Per-group metrics: no {metric} gap between the groups of {column}.")
+        else:
+            out.append(f"Per-group metrics: {metric} is {gap:.3f} lower for {column}={direction['lower']} than for "
+                       f"{column}={direction['higher']} ({level} interval {_interval(ci)}).")
+
+    rob = robustness["candidates"].get(proposed, {}).get("perturbations", {})
+    rated = {k: v for k, v in rob.items() if v["flip_rate"] is not None}
+    if rated:
+        kind = max(rated, key=lambda k: rated[k]["flip_rate"])
+        if rated[kind]["flip_rate"] == 0:
+            out.append(f"Robustness: none of {len(rated)} kinds of perturbation flips any of {proposed}'s predictions.")
+        else:
+            out.append(f"Robustness: {kind} perturbations flip {_pct(rated[kind]['flip_rate'])} of {proposed}'s "
+                       f"predictions, the most of {len(rated)} kinds ({rated[kind]['severity']}).")
+    return out
+
+
+def _summary(transfer: Mapping, gate: Mapping, bias: Mapping, robustness: Mapping) -> str:
+    verdict = transfer["verdict"]
+    items = "".join(f"<li>{html_text(f)}</li>" for f in findings(transfer, bias, robustness))
+    gate_class = "passed" if gate["passed"] else "failed"
+    return (f"<p class='verdict {html.escape(verdict)}'>{html_text(verdict_sentence(transfer, transfer['proposed']))}</p>"
+            f"<p class='gate {gate_class}'>{html_text(registration_sentence(gate))}</p>"
+            f"<h3>Top findings</h3><ul>{items}</ul>")
+
+
+def _direction_cells(direction: Mapping | None) -> list:
+    direction = direction or {}
+    return [direction.get("lower"), direction.get("higher")]
+
+
 def render_html(*, transfer: Mapping, gate: Mapping, bias: Mapping, robustness: Mapping, datacard: Mapping,
                 plots: Mapping[str, bytes | None]) -> str:
-    """One self-contained page with every section of SECTIONS."""
-    verdict = transfer["verdict"]
-    parts: dict[str, str] = {}
-    gate_words = "passed" if gate["passed"] else "failed: " + ", ".join(
-        c["name"] for c in gate["checks"] if not c["passed"])
-    parts["verdict"] = (f"<p class='verdict {html.escape(verdict)}'>{html.escape(verdict_sentence(transfer, transfer['proposed']))}</p>"
-                        f"<p>Gate {html.escape(gate_words)}.</p>")
+    """One self-contained page with every section of SECTIONS, in that order."""
+    proposed = transfer["proposed"]
+    parts: dict[str, str] = {"summary": _summary(transfer, gate, bias, robustness)}
     level = f"{round(100 * transfer.get('confidence', 0.95))}%"
     parts["candidates"] = _table(
         ["candidate", "role", "test accuracy", f"accuracy {level} interval", "test macro-F1", f"macro-F1 {level} interval"],
-        [[n, c["role"], c["test"]["accuracy"], "[{:.3f}, {:.3f}]".format(*c["test"]["accuracy_ci"]),
-          c["test"]["macro_f1"], "[{:.3f}, {:.3f}]".format(*c["test"]["macro_f1_ci"])]
+        [[n, c["role"], c["test"]["accuracy"], _interval(c["test"]["accuracy_ci"]),
+          c["test"]["macro_f1"], _interval(c["test"]["macro_f1_ci"])]
          for n, c in transfer["candidates"].items()]) + _img(plots.get("candidates"), "candidates")
     parts["confusion"] = _img(plots.get("confusion"), "confusion matrix")
     if bias.get("groups"):
         rows = []
         for column, per_candidate in bias["groups"].items():
             for cand, g in per_candidate.items():
-                rows += [[column, cand, metric, gap, "[{:.3f}, {:.3f}]".format(*g["gap_ci"][metric])
-                          if metric in g["gap_ci"] else None] for metric, gap in g["gaps"].items()]
-        parts["groups"] = _table(["column", "candidate", "metric", "largest gap", f"gap {level} interval"], rows) + _img(
-            plots.get("groups"), "per-group accuracy")
+                rows += [[column, cand, metric, gap, *_direction_cells(g.get("gap_direction", {}).get(metric)),
+                          _interval(g["gap_ci"][metric]) if metric in g["gap_ci"] else None]
+                         for metric, gap in g["gaps"].items()]
+        parts["groups"] = _table(["column", "candidate", "metric", "largest gap", "lower group", "higher group",
+                                  f"gap {level} interval"], rows) + _img(plots.get("groups"), "per-group accuracy")
     else:
         parts["groups"] = "<p>The data has no group columns (<code>data.group_columns</code>); no per-group metrics.</p>"
     cf = bias["counterfactual"]
     rows = [[axis, *[cf[c]["axes"].get(axis, {}).get("flip_rate") for c in cf],
              *[cf[c]["axes"].get(axis, {}).get("mean_tv") for c in cf]]
             for axis in sorted({a for c in cf.values() for a in c["axes"]})]
-    examples = "".join(f"<h3>{html.escape(c)}: {html.escape(d['axis'])} {html.escape(d['direction'])}</h3>"
-                       + _examples(d["examples"], "swapped")
-                       for c in cf for d in cf[c]["directions"] if d["examples"] and c == transfer["proposed"])
-    parts["counterfactual"] = (f"<p>{html.escape(INHERITED_NOTE)}</p>"
-                               + _table(["axis", *[f"flip rate {c}" for c in cf], *[f"mean TV {c}" for c in cf]], rows)
-                               + _img(plots.get("counterfactual"), "counterfactual flip rates") + examples)
+    directions = cf.get(proposed, {}).get("directions", [])
+    per_direction = _table(
+        ["axis", "swap", "texts", "flip rate", "mean TV", "class moved most", "mean change of its probability"],
+        [[d["axis"], d["direction"], d["n"], d["flip_rate"], d["mean_tv"],
+          *((d.get("largest_shift") or {}).get(k) for k in ("class", "change"))] for d in directions])
+    parts["counterfactual"] = (
+        f"<p>{html.escape(INHERITED_NOTE)}</p>"
+        + _table(["axis", *[f"flip rate {c}" for c in cf], *[f"mean TV {c}" for c in cf]], rows)
+        + _img(plots.get("counterfactual"), "counterfactual flip rates")
+        + (_collapsed(f"{html_text(proposed)} per swap direction ({len(directions)} directions; a positive change means "
+                      "the swapped-in group gets the higher probability)", per_direction) if directions else ""))
     tp = bias.get("templates") or {}
     if tp.get("candidates"):
-        rows = [[axis, c, r["max_gap"], json.dumps({k: [round(x, 3) for x in v] for k, v in r["gap_ci"].items()})]
-                for c, per in tp["candidates"].items() for axis, r in per.items()]
-        parts["templates"] = f"<p>Probe file: <code>{html.escape(str(tp.get('file')))}</code></p>" + _table(
-            ["axis", "candidate", "largest gap in mean probability", f"gap {level} interval per class (templates resampled)"], rows)
+        rows = []
+        for c, per in tp["candidates"].items():
+            for axis, r in per.items():
+                d = r.get("max_gap_direction") or {}
+                rows.append([axis, c, r["max_gap"], d.get("class"), d.get("lower"), d.get("higher"),
+                             _interval(r["gap_ci"][d["class"]]) if d.get("class") in r["gap_ci"] else None])
+        parts["templates"] = f"<p>Probe file: <code>{html_text(tp.get('file'))}</code></p>" + _table(
+            ["axis", "candidate", "largest gap in mean probability", "class", "lower group", "higher group",
+             f"gap {level} interval (templates resampled)"], rows)
     else:
         parts["templates"] = "<p>No template probes configured (<code>evaluate.template_probes</code>).</p>"
-    rows = [[axis, group, g["texts"], json.dumps(g["per_label"]), ", ".join(g["absent_terms"][:12])]
+    rows = [[axis, group, g["texts"], json.dumps(g["per_label"], ensure_ascii=False), ", ".join(g["absent_terms"][:12])]
             for axis, groups in bias.get("cooccurrence", {}).items() for group, g in groups.items()]
     parts["cooccurrence"] = _table(["axis", "group", "train texts", "per label", "terms absent from training"], rows)
     rob = robustness["candidates"]
     kinds = sorted({k for c in rob.values() for k in c["perturbations"]})
     parts["robustness"] = _table(["perturbation", *[f"flip rate {c}" for c in rob]],
                                  [[k, *[rob[c]["perturbations"][k]["flip_rate"] for c in rob]] for k in kinds]) + _img(
-        plots.get("robustness"), "robustness flip rates") + "".join(
-        f"<h3>{html.escape(k)}</h3>" + _examples(rob[transfer["proposed"]]["perturbations"][k]["examples"], "perturbed")
-        for k in kinds if transfer["proposed"] in rob)
+        plots.get("robustness"), "robustness flip rates")
     parts["gate"] = _table(["check", "value", "threshold", "passed"],
                            [[c["name"], c["value"], c["threshold"], "yes" if c["passed"] else "NO"] for c in gate["checks"]])
-    parts["datacard"] = f"<pre>{html.escape(json.dumps(datacard, indent=2))}</pre>"
+    parts["datacard"] = f"<pre>{html_text(json.dumps(datacard, indent=2, ensure_ascii=False))}</pre>"
+    parts["examples"] = _examples_section(proposed, directions, rob.get(proposed, {}).get("perturbations", {}))
     body = "".join(f'<section id="{sid}"><h2>{html.escape(title)}</h2>{parts[sid]}</section>'
                    for sid, title in SECTIONS.items())
     style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}"
+             "#summary{background:#f6f6f6;border:1px solid #ddd;padding:.2em 1em}"
              ".verdict{font-size:1.2em;font-weight:bold}.positive{color:#060}.negative{color:#a00}.no_gain{color:#a60}"
-             "img{max-width:100%}.examples{font-size:12px}")
+             ".gate{font-weight:bold}.gate.failed{color:#a00}.gate.passed{color:#060}"
+             "summary{cursor:pointer;margin:.3em 0}img{max-width:100%}.examples{font-size:12px}")
     return (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>graft evaluation report</title>"
             f"<style>{style}</style></head><body><h1>graft evaluation report</h1>{body}</body></html>\n")
 
 
+def _examples_section(proposed: str, directions: Sequence[Mapping], perturbations: Mapping[str, Mapping]) -> str:
+    """The texts whose prediction moved most, per swap direction and per perturbation, each list
+    collapsed: evidence to open, not to scroll past."""
+    blocks = [_collapsed(f"counterfactual {html_text(d['axis'])} {html_text(d['direction'])}: {len(d['examples'])} of "
+                         f"{d['n']} texts (flip rate {_pct(d['flip_rate'])})", _examples(d["examples"], "swapped"))
+              for d in directions if d["examples"]]
+    blocks += [_collapsed(f"robustness {html_text(k)}: {len(p['examples'])} of {p['n']} texts (flip rate "
+                          f"{_pct(p['flip_rate'])})", _examples(p["examples"], "perturbed"))
+               for k, p in sorted(perturbations.items()) if p["examples"]]
+    if not blocks:
+        return "<p>No prediction of the proposed model moved under any swap or perturbation.</p>"
+    return f"<p>The texts whose prediction by {html_text(proposed)} moved most (largest total-variation change).</p>" + "".join(blocks)
+
+
 def summary_markdown(transfer: Mapping, gate: Mapping, bias: Mapping, robustness: Mapping) -> str:
-    """A few lines for a Prefect markdown artifact: verdict, candidates, flip rates, gate."""
+    """A few lines for a Prefect markdown artifact: verdict, top findings, candidates, flip rates, gate."""
     lines = [f"**{verdict_sentence(transfer, transfer['proposed'])}**", "",
+             *(f"- {f}" for f in findings(transfer, bias, robustness)), "",
              f"| candidate | test accuracy | {round(100 * transfer.get('confidence', 0.95))}% interval |", "| --- | --- | --- |"]
     for name, c in transfer["candidates"].items():
         low, high = c["test"]["accuracy_ci"]

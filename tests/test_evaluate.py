@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from graft.bias import (
 from graft.errors import GraftError
 from graft.files import read_json
 from graft.layout import Layout
-from graft.report import SECTIONS, gate_failure_message, summary_markdown
+from graft.report import SECTIONS, gate_failure_message, render_html, summary_markdown
 from graft.robustness import perturb, robustness_probe
 from graft.stats import bootstrap_indices, bootstrap_scores, transfer_verdict, with_intervals
 from tasks.evaluate import assess, gate
@@ -198,6 +199,9 @@ def test_a_model_keyed_on_a_gendered_word_is_caught_and_fails_the_gate(biased: b
         assert directions["male->female"]["flip_rate"] == pytest.approx(0.5, abs=0.1)
         assert directions["female->male"]["flip_rate"] == pytest.approx(0.5, abs=0.1)
         assert directions["male->female"]["examples"]
+        # the direction survives: making the subject a woman moves probability from sport to food
+        assert directions["male->female"]["mean_shift"]["food"] > 0.3 > -0.3 > directions["male->female"]["mean_shift"]["sport"]
+        assert directions["female->male"]["mean_shift"]["food"] < -0.3
         assert not checks["max_counterfactual_flip_rate"]["passed"] and not result["gate"]["passed"]
         assert [c["name"] for c in result["gate"]["checks"] if not c["passed"]] == ["max_counterfactual_flip_rate"]
     else:
@@ -210,6 +214,53 @@ def test_a_model_keyed_on_a_gendered_word_is_caught_and_fails_the_gate(biased: b
         "typo", "casing", "punctuation", "whitespace"}
     markdown = summary_markdown(result["transfer"], result["gate"], result["bias"], result["robustness"])
     assert ("failed" in markdown) is biased
+
+
+class _Outline(HTMLParser):
+    """Section ids in page order, and whether every example list sits inside a <details>."""
+
+    def __init__(self):
+        super().__init__()
+        self.sections, self.open_details, self.loose_examples, self.collapsed_examples = [], 0, 0, 0
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "section":
+            self.sections.append(attrs["id"])
+        elif tag == "details":
+            self.open_details += 1
+        elif tag == "ul" and attrs.get("class") == "examples":
+            self.collapsed_examples += bool(self.open_details)
+            self.loose_examples += not self.open_details
+
+    def handle_endtag(self, tag):
+        self.open_details -= tag == "details"
+
+
+def test_report_answers_first_escapes_text_once_and_collapses_examples():
+    """Source texts carry HTML entities (BBC: `&#163;1.8m`) and may carry markup: the page shows
+    the pound sign, shows markup as text (also markup hidden in entities), and puts the summary
+    first and the examples last, collapsed."""
+    params = _tiny_config({"min_margin": 50.0})
+    payload = " Fined &#163;1.8m (or £2m) <script>alert(1)</script> &lt;img src=x onerror=alert(2)&gt;"
+    test = _synthetic(60, 2).assign(text=lambda f: f["text"] + payload)
+    predictors = {"finetune": keyword_model(biased=True), "scratch": keyword_model(noise=0.3),
+                  "tfidf": keyword_model(noise=0.1), "backbone_probe": keyword_model(noise=0.2)}
+    result = assess(predictors, params=params, layout=Layout(REPO), train=_synthetic(40, 0), val=_synthetic(20, 1),
+                    test=test, classes=CLASSES, group_columns=["group"])
+    page = render_html(transfer=result["transfer"], gate=result["gate"], bias=result["bias"],
+                       robustness=result["robustness"], datacard={"source": "planted &#163; <b>"}, plots={})
+    assert "Fined £1.8m (or £2m)" in page and "&amp;#163;" not in page and "&#163;" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script" not in page
+    assert "&lt;img src=x onerror=alert(2)&gt;" in page and "<img src=x" not in page
+    outline = _Outline()
+    outline.feed(page)
+    assert outline.sections == list(SECTIONS)
+    assert outline.sections[:2] == ["summary", "candidates"] and outline.sections[-1] == "examples"
+    assert outline.collapsed_examples >= 2 and outline.loose_examples == 0
+    summary = page[page.index('id="summary"'):page.index('id="candidates"')]
+    assert "The gate failed, so register will not register it: min_margin" in summary and "&lt; 50" in summary
+    assert "gender terms flip 50.0%" in summary and "male-&gt;female (30 texts) raises P(food) by 0.400" in summary
 
 
 def test_group_metrics_report_a_planted_gap_within_its_interval():
@@ -228,6 +279,7 @@ def test_group_metrics_report_a_planted_gap_within_its_interval():
     low, high = result["gap_ci"]["accuracy"]
     print(f"planted group gap 0.20: reported {result['gaps']['accuracy']:.3f} [{low:.3f}, {high:.3f}]")  # noqa: T201
     assert low <= 0.2 <= high and low > 0.1
+    assert result["gap_direction"]["accuracy"] == {"lower": "b", "higher": "a"}
     assert {"false_positive_rate", "false_negative_rate", "selection_rate[pos]"} <= set(result["groups"]["a"])
     assert result["groups"]["a"]["accuracy"] == pytest.approx(0.9)
 
@@ -330,7 +382,11 @@ def test_template_probe_gap_is_zero_for_a_model_blind_to_identity():
     low, high = biased["gender"]["gap_ci"]["sport"]
     assert low - 1e-9 <= 0.8 <= high + 1e-9
     assert biased["gender"]["mean_proba"]["female"]["sport"] == pytest.approx(0.9)
-    assert biased["ethnicity"]["max_gap"] == 0.0
+    assert biased["gender"]["gap_direction"] == {"sport": {"lower": "male", "higher": "female"},
+                                                 "food": {"lower": "female", "higher": "male"}}
+    widest = biased["gender"]["max_gap_direction"]  # with two classes both gaps are 0.8: either may be named
+    assert widest == {"class": widest["class"], **biased["gender"]["gap_direction"][widest["class"]]}
+    assert biased["ethnicity"]["max_gap"] == 0.0 and biased["ethnicity"]["max_gap_direction"]["lower"] is None
 
 
 def test_cooccurrence_counts_terms_per_label():
@@ -401,6 +457,9 @@ def test_reports_follow_the_design_contract(evaluated: Path):
     bias = read_json(evaluated / "reports/bias.json")
     assert set(bias["counterfactual"]) == set(transfer["candidates"])
     assert set(bias["inherited_vs_added"]["gender"]) == set(transfer["candidates"])
+    for per_axis in bias["templates"]["candidates"].values():  # every gap says which group is lower
+        assert all({"class", "lower", "higher"} <= set(r["max_gap_direction"]) for r in per_axis.values())
+    assert all("mean_shift" in d for c in bias["counterfactual"].values() for d in c["directions"])
     gate_report = read_json(evaluated / "reports/gate.json")
     assert set(gate_report) == {"passed", "checks"} and len(gate_report["checks"]) == 7
     robustness = read_json(evaluated / "reports/robustness.json")
@@ -452,3 +511,4 @@ def test_report_opens_in_headless_chromium_with_every_section(evaluated: Path, t
     for section in SECTIONS:
         assert f'id="{section}"' in dom, section
     assert dom.count("data:image/png;base64,") >= 4
+    assert dom.index('id="summary"') < dom.index('id="candidates"') < dom.index('id="examples"')
