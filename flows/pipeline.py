@@ -23,7 +23,7 @@ from prefect.tasks import exponential_backoff
 from graft import config, runs
 from graft.errors import ERROR_PREFIX, GraftError
 from graft.layout import Layout
-from graft.pins import write_sources
+from graft.pins import experiment_pins, local_sources_inside, write_sources
 
 STAGES = ("prepare", "fetch", "features", "train", "evaluate", "register")
 
@@ -141,13 +141,19 @@ def dvc_stage(stage: str, root: str) -> Any:
 
 
 @task(task_run_name="experiment", **RETRIES)
-def dvc_experiment(overrides: dict[str, Any], root: str) -> list[dict]:
-    """The whole pipeline as one DVC experiment with these overrides, in a temporary copy."""
+def dvc_experiment(overrides: dict[str, Any], root: str, pins: list[str] | None = None,
+                   copy_paths: list[str] | None = None) -> list[dict]:
+    """The whole pipeline as one DVC experiment with these overrides, in a temporary copy; `pins`
+    (`FILE:KEY=VALUE`) set the copy's source files, `copy_paths` bring untracked sources along."""
     logger = get_run_logger()
     name = runs.experiment_name(_flow_run_id())
     args = ["exp", "run", "--temp", "--name", name]
     for key, value in overrides.items():
         args += ["-S", f"{key}={json.dumps(value)}"]
+    for pin in pins or []:
+        args += ["-S", pin]
+    for path in copy_paths or []:
+        args += ["--copy-paths", path]
     started = time.perf_counter()
     output = run_dvc(args, Path(root), f"experiment {name!r}", env=runs.experiment_env(Path(root), _flow_run_id()))
     logger.info("experiment %s: ran in %.1fs; `dvc exp show` lists it, `dvc exp apply %s` restores it",
@@ -210,34 +216,49 @@ def pipeline(params: runs.ParamOverrides | None = None, overrides: list[str] | N
     """
     logger = get_run_logger()
     workspace = Path(root)
+    layout = Layout(workspace)
     params_file = workspace / config.PARAMS_FILE
     texts = [*runs.override_strings(params), *(overrides or [])]
     applied = config.apply_overrides(texts, params_file, dry_run=True)  # one clear error before any work
-    changed = write_sources(config.load(params_file), Layout(workspace))
+    # the workspace's pins follow its params.yaml; a run's own sources are pinned below
+    changed = write_sources(config.load(params_file), layout)
     if changed:
         logger.info("resolved sources written: %s", ", ".join(changed))
+    run_params = runs.params_with_overrides(texts, params_file) if applied else None
     if applied and not write_params:
         runs.require_git_commit(workspace)
+        # pinned before any work too: a source that cannot be resolved is named now
+        pins = experiment_pins(run_params, layout)
     with runs.workspace_lock(workspace, flow_run_id=_flow_run_id(), on_wait=logger.warning, on_stale=_crashed):
         if applied and not write_params:
             logger.info("overrides for this run only (a DVC experiment): %s", applied)
             # an experiment's temporary copy holds git-tracked files only: the source pins, dvc.lock
-            # and the `cache: false` reports (which DVC leaves to git) must be, or it starts from
-            # nothing and re-runs every stage
-            layout = Layout(workspace)
-            runs.track_files(workspace, [layout.data_source_file, layout.model_source_file, workspace / "dvc.lock",
-                                         layout.reports_dir])
-            return dvc_experiment(applied, root)
+            # and the `cache: false` reports (which DVC leaves to git) are staged for it, or it starts
+            # from nothing and re-runs every stage; the user's index is put back afterwards
+            with runs.git_index_kept(workspace):
+                runs.track_files(workspace, [layout.data_source_file, layout.model_source_file,
+                                             workspace / "dvc.lock", layout.reports_dir])
+                return dvc_experiment(applied, root, pins=pins,
+                                      copy_paths=local_sources_inside(run_params, workspace))
         if applied:
-            config.apply_overrides(texts, params_file)
-            logger.info("params.yaml overrides written (--write-params): %s", applied)
-        summary = []
-        for stage in STAGES:
-            outcome = dvc_stage(stage, root)
-            # a skipped stage returns its `Skipped` state; the summary wants the row it carries
-            summary.append(outcome.result() if isinstance(outcome, State) else outcome)
-        if summary[-1]["status"] == "ran":  # a new MLflow run exists only when register ran
-            publish_run_facts(root)
-        if push:
-            summary.append(dvc_push(root))
+            # params.yaml and the pins that follow it change only if the whole run succeeds
+            with runs.files_kept([params_file, layout.data_source_file, layout.model_source_file]):
+                config.apply_overrides(texts, params_file)
+                write_sources(run_params, layout)
+                logger.info("params.yaml overrides written (--write-params): %s", applied)
+                return _workspace_stages(root, push)
+        return _workspace_stages(root, push)
+
+
+def _workspace_stages(root: str, push: bool) -> list[dict]:
+    """The six stages in the workspace, then the run's facts and the push."""
+    summary = []
+    for stage in STAGES:
+        outcome = dvc_stage(stage, root)
+        # a skipped stage returns its `Skipped` state; the summary wants the row it carries
+        summary.append(outcome.result() if isinstance(outcome, State) else outcome)
+    if summary[-1]["status"] == "ran":  # a new MLflow run exists only when register ran
+        publish_run_facts(root)
+    if push:
+        summary.append(dvc_push(root))
     return summary

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from graft import config
 from graft.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_TRANSIENT, GraftError
+from graft.files import atomic_path
 
 FailureKind = Literal["input", "transient", "internal"]
 LOCK_FILE = Path(".dvc/tmp/graft-run.lock")
@@ -194,8 +195,55 @@ def require_git_commit(root: Path) -> None:
 
 
 def track_files(workspace: Path, paths: list[Path]) -> None:
-    """`git add` files the pipeline writes and the user commits (the source pins), so a DVC
-    experiment's temporary copy has them."""
+    """`git add` files the pipeline writes and the user commits (the source pins, dvc.lock, the
+    `cache: false` reports), so a DVC experiment's temporary copy has them; run it inside
+    `git_index_kept`, which puts the user's index back afterwards."""
     existing = [str(Path(p).relative_to(workspace)) for p in paths if Path(p).exists()]
     if existing:
         subprocess.run(["git", "add", "--", *existing], cwd=workspace, capture_output=True, check=False)
+
+
+@contextlib.contextmanager
+def git_index_kept(workspace: Path) -> Iterator[None]:
+    """Git's index as it was before, whether the run succeeds or fails: what graft stages for an
+    experiment's copy is graft's business, what the user staged is theirs."""
+    proc = subprocess.run(["git", "rev-parse", "--git-path", "index"], cwd=workspace, capture_output=True,
+                          text=True, check=False)
+    index = Path(workspace) / proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else None
+    with files_kept([index] if index else [], always=True):
+        yield
+
+
+@contextlib.contextmanager
+def files_kept(paths: list[Path], *, always: bool = False) -> Iterator[None]:
+    """Put these files back byte for byte (or remove them, if they did not exist) when the body
+    fails, or always."""
+    saved = {Path(p): Path(p).read_bytes() if Path(p).exists() else None for p in paths}
+
+    def restore() -> None:
+        for path, content in saved.items():
+            if content is None:
+                path.unlink(missing_ok=True)
+            elif not path.exists() or path.read_bytes() != content:
+                with atomic_path(path) as tmp:
+                    tmp.write_bytes(content)
+
+    try:
+        yield
+    except BaseException:
+        restore()
+        raise
+    if always:
+        restore()
+
+
+def params_with_overrides(overrides: list[str], params_file: Path) -> config.Params:
+    """The params a run with these overrides sees, validated; params.yaml itself is not touched."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="graft-params-") as tmp:
+        copy = Path(tmp) / params_file.name
+        shutil.copyfile(params_file, copy)
+        config.apply_overrides(overrides, copy)
+        return config.load(copy)
