@@ -60,21 +60,27 @@ def _flow_run_id() -> str | None:
     return flow_run.get_id()
 
 
-def run_dvc(args: list[str], root: Path, what: str, env: dict[str, str] | None = None) -> str:
-    """Run a DVC command, streaming its output (progress bars) and keeping it for the error.
+def run_dvc(args: list[str], root: Path, what: str, env: dict[str, str] | None = None,
+            stamps: list[tuple[float, str]] | None = None) -> str:
+    """Run a DVC command, streaming its output (progress bars) and keeping it for the error;
+    `stamps` collects each line with the time it arrived (per-stage seconds of an experiment).
 
     A stage's own `graft: error:` line is held back here and raised once, with the stage's
-    name, so the user reads it once. A killed graft takes its DVC child down with it."""
+    name, so the user reads it once; DVC's hints about what graft does itself are left out
+    (`runs.DvcLogFilter`). A killed graft takes its DVC child down with it."""
     proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=_subprocess_env(env),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     captured = bytearray()
+    shown = runs.DvcLogFilter()
     assert proc.stdout is not None
     try:
         for line in iter(proc.stdout.readline, b""):
             captured += line
+            if stamps is not None:
+                stamps.append((time.monotonic(), line.decode("utf-8", "replace")))
             if not line.startswith(ERROR_PREFIX.encode()):
-                sys.stderr.buffer.write(line)
-                sys.stderr.buffer.flush()
+                _show(shown.feed(line))
+        _show(shown.close())
         returncode = proc.wait()
     except BaseException:
         proc.terminate()
@@ -93,6 +99,13 @@ def run_dvc(args: list[str], root: Path, what: str, env: dict[str, str] | None =
     lines = [line for line in text.splitlines() if line.strip()]
     tail = [line for line in lines if line.startswith("ERROR")][-1:] or lines[-1:] or ["no output"]
     raise StageFailed(f"{what} failed (exit {returncode}): {tail[0].strip()}", kind=kind)
+
+
+def _show(lines: list[bytes]) -> None:
+    for line in lines:
+        sys.stderr.buffer.write(line)
+    if lines:
+        sys.stderr.buffer.flush()
 
 
 def _retry_transient(task_obj, task_run, state) -> bool:
@@ -155,10 +168,12 @@ def dvc_experiment(overrides: dict[str, Any], root: str, pins: list[str] | None 
     for path in copy_paths or []:
         args += ["--copy-paths", path]
     started = time.perf_counter()
-    output = run_dvc(args, Path(root), f"experiment {name!r}", env=runs.experiment_env(Path(root), _flow_run_id()))
+    stamps: list[tuple[float, str]] = []
+    output = run_dvc(args, Path(root), f"experiment {name!r}", env=runs.experiment_env(Path(root), _flow_run_id()),
+                     stamps=stamps)
     logger.info("experiment %s: ran in %.1fs; `dvc exp show` lists it, `dvc exp apply %s` restores it",
                 name, time.perf_counter() - started, name)
-    rows = runs.stage_rows(output, STAGES)
+    rows = runs.stage_rows(output, STAGES, stamps=stamps, finished=time.monotonic())
     return [{**row, "experiment": name} for row in rows]
 
 
@@ -232,12 +247,15 @@ def pipeline(params: runs.ParamOverrides | None = None, overrides: list[str] | N
     with runs.workspace_lock(workspace, flow_run_id=_flow_run_id(), on_wait=logger.warning, on_stale=_crashed):
         if applied and not write_params:
             logger.info("overrides for this run only (a DVC experiment): %s", applied)
-            # an experiment's temporary copy holds git-tracked files only: the source pins, dvc.lock
-            # and the `cache: false` reports (which DVC leaves to git) are staged for it, or it starts
-            # from nothing and re-runs every stage; the user's index is put back afterwards
+            # an experiment's temporary copy holds git-tracked files only: the source pins, dvc.lock,
+            # the `cache: false` reports (which DVC leaves to git) and the .gitignore files DVC keeps
+            # beside its outputs are staged for it, or it starts from nothing and re-runs every stage;
+            # the user's index is put back afterwards
             with runs.git_index_kept(workspace):
                 runs.track_files(workspace, [layout.data_source_file, layout.model_source_file,
-                                             workspace / "dvc.lock", layout.reports_dir])
+                                             workspace / "dvc.lock", layout.reports_dir,
+                                             *{out.parent / ".gitignore" for out in (layout.raw_dir,
+                                                                                     layout.pretrained_dir)}])
                 return dvc_experiment(applied, root, pins=pins,
                                       copy_paths=local_sources_inside(run_params, workspace))
         if applied:
