@@ -192,13 +192,13 @@ def test_a_run_pins_and_snapshots_its_own_data_source_and_leaves_the_workspace_a
     lock = yaml.safe_load(subprocess.run(["git", "show", f"{ref}:dvc.lock"], cwd=root, capture_output=True, text=True,
                                          check=True).stdout)
     assert str(other) in [dep["path"] for dep in lock["stages"]["prepare"]["deps"]]  # DVC hashed the run's source
-    assert [out["path"] for out in lock["stages"]["prepare"]["outs"]][0] == "data/raw"  # and prepare snapshot it
+    assert "data/raw" in [out["path"] for out in lock["stages"]["prepare"]["outs"]]  # and prepare snapshot it
 
-    # the UI's form, as Prefect passes it: the same source (its stages come from DVC's run cache, which
-    # they only match when the experiment's pins name that source) and a new alias, so register runs
+    # the UI's form, as Prefect passes it (every stage runs again: DVC keeps no run cache for stages
+    # with `persist: true` outputs, and the workspace has no dvc.lock to start from)
     form = runs.ParamOverrides.model_validate({"data": {"source": str(other)}, "register": {"alias": "from-ui"}})
     rows = pipeline(params=form, root=str(root), push=False)
-    assert {r["stage"]: r["status"] for r in rows} == {**dict.fromkeys(STAGES[:-1], "cached"), "register": "ran"}
+    assert {r["stage"]: r["status"] for r in rows} == dict.fromkeys(STAGES, "ran")
     assert workspace_state(root) == before
 
     uri = f"sqlite:///{root / 'mlruns.db'}"
