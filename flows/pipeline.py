@@ -23,7 +23,7 @@ from prefect.tasks import exponential_backoff
 from graft import config, runs
 from graft.errors import ERROR_PREFIX, GraftError
 from graft.layout import Layout
-from graft.pins import write_sources
+from graft.pins import experiment_pins, local_sources_inside, write_sources
 
 STAGES = ("prepare", "fetch", "features", "train", "evaluate", "register")
 
@@ -60,21 +60,27 @@ def _flow_run_id() -> str | None:
     return flow_run.get_id()
 
 
-def run_dvc(args: list[str], root: Path, what: str, env: dict[str, str] | None = None) -> str:
-    """Run a DVC command, streaming its output (progress bars) and keeping it for the error.
+def run_dvc(args: list[str], root: Path, what: str, env: dict[str, str] | None = None,
+            stamps: list[tuple[float, str]] | None = None) -> str:
+    """Run a DVC command, streaming its output (progress bars) and keeping it for the error;
+    `stamps` collects each line with the time it arrived (per-stage seconds of an experiment).
 
     A stage's own `graft: error:` line is held back here and raised once, with the stage's
-    name, so the user reads it once. A killed graft takes its DVC child down with it."""
+    name, so the user reads it once; DVC's hints about what graft does itself are left out
+    (`runs.DvcLogFilter`). A killed graft takes its DVC child down with it."""
     proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=_subprocess_env(env),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     captured = bytearray()
+    shown = runs.DvcLogFilter()
     assert proc.stdout is not None
     try:
         for line in iter(proc.stdout.readline, b""):
             captured += line
+            if stamps is not None:
+                stamps.append((time.monotonic(), line.decode("utf-8", "replace")))
             if not line.startswith(ERROR_PREFIX.encode()):
-                sys.stderr.buffer.write(line)
-                sys.stderr.buffer.flush()
+                _show(shown.feed(line))
+        _show(shown.close())
         returncode = proc.wait()
     except BaseException:
         proc.terminate()
@@ -93,6 +99,13 @@ def run_dvc(args: list[str], root: Path, what: str, env: dict[str, str] | None =
     lines = [line for line in text.splitlines() if line.strip()]
     tail = [line for line in lines if line.startswith("ERROR")][-1:] or lines[-1:] or ["no output"]
     raise StageFailed(f"{what} failed (exit {returncode}): {tail[0].strip()}", kind=kind)
+
+
+def _show(lines: list[bytes]) -> None:
+    for line in lines:
+        sys.stderr.buffer.write(line)
+    if lines:
+        sys.stderr.buffer.flush()
 
 
 def _retry_transient(task_obj, task_run, state) -> bool:
@@ -141,18 +154,26 @@ def dvc_stage(stage: str, root: str) -> Any:
 
 
 @task(task_run_name="experiment", **RETRIES)
-def dvc_experiment(overrides: dict[str, Any], root: str) -> list[dict]:
-    """The whole pipeline as one DVC experiment with these overrides, in a temporary copy."""
+def dvc_experiment(overrides: dict[str, Any], root: str, pins: list[str] | None = None,
+                   copy_paths: list[str] | None = None) -> list[dict]:
+    """The whole pipeline as one DVC experiment with these overrides, in a temporary copy; `pins`
+    (`FILE:KEY=VALUE`) set the copy's source files, `copy_paths` bring untracked sources along."""
     logger = get_run_logger()
     name = runs.experiment_name(_flow_run_id())
     args = ["exp", "run", "--temp", "--name", name]
     for key, value in overrides.items():
         args += ["-S", f"{key}={json.dumps(value)}"]
+    for pin in pins or []:
+        args += ["-S", pin]
+    for path in copy_paths or []:
+        args += ["--copy-paths", path]
     started = time.perf_counter()
-    output = run_dvc(args, Path(root), f"experiment {name!r}", env=runs.experiment_env(Path(root), _flow_run_id()))
+    stamps: list[tuple[float, str]] = []
+    output = run_dvc(args, Path(root), f"experiment {name!r}", env=runs.experiment_env(Path(root), _flow_run_id()),
+                     stamps=stamps)
     logger.info("experiment %s: ran in %.1fs; `dvc exp show` lists it, `dvc exp apply %s` restores it",
                 name, time.perf_counter() - started, name)
-    rows = runs.stage_rows(output, STAGES)
+    rows = runs.stage_rows(output, STAGES, stamps=stamps, finished=time.monotonic())
     return [{**row, "experiment": name} for row in rows]
 
 
@@ -219,34 +240,52 @@ def pipeline(params: runs.ParamOverrides | None = None, overrides: list[str] | N
     """
     logger = get_run_logger()
     workspace = Path(root)
+    layout = Layout(workspace)
     params_file = workspace / config.PARAMS_FILE
     texts = [*runs.override_strings(params), *(overrides or [])]
     applied = config.apply_overrides(texts, params_file, dry_run=True)  # one clear error before any work
-    changed = write_sources(config.load(params_file), Layout(workspace))
+    # the workspace's pins follow its params.yaml; a run's own sources are pinned below
+    changed = write_sources(config.load(params_file), layout)
     if changed:
         logger.info("resolved sources written: %s", ", ".join(changed))
+    run_params = runs.params_with_overrides(texts, params_file) if applied else None
     if applied and not write_params:
         runs.require_git_commit(workspace)
+        # pinned before any work too: a source that cannot be resolved is named now
+        pins = experiment_pins(run_params, layout)
     with runs.workspace_lock(workspace, flow_run_id=_flow_run_id(), on_wait=logger.warning, on_stale=_crashed):
         if applied and not write_params:
             logger.info("overrides for this run only (a DVC experiment): %s", applied)
-            # an experiment's temporary copy holds git-tracked files only: the source pins, dvc.lock
-            # and the `cache: false` reports (which DVC leaves to git) must be, or it starts from
-            # nothing and re-runs every stage
-            layout = Layout(workspace)
-            runs.track_files(workspace, [layout.data_source_file, layout.model_source_file, workspace / "dvc.lock",
-                                         layout.reports_dir])
-            return dvc_experiment(applied, root)
+            # an experiment's temporary copy holds git-tracked files only: the source pins, dvc.lock,
+            # the `cache: false` reports (which DVC leaves to git) and the .gitignore files DVC keeps
+            # beside its outputs are staged for it, or it starts from nothing and re-runs every stage;
+            # the user's index is put back afterwards
+            with runs.git_index_kept(workspace):
+                runs.track_files(workspace, [layout.data_source_file, layout.model_source_file,
+                                             workspace / "dvc.lock", layout.reports_dir,
+                                             *{out.parent / ".gitignore" for out in (layout.raw_dir,
+                                                                                     layout.pretrained_dir)}])
+                return dvc_experiment(applied, root, pins=pins,
+                                      copy_paths=local_sources_inside(run_params, workspace))
         if applied:
-            config.apply_overrides(texts, params_file)
-            logger.info("params.yaml overrides written (--write-params): %s", applied)
-        summary = []
-        for stage in STAGES:
-            outcome = dvc_stage(stage, root)
-            # a skipped stage returns its `Skipped` state; the summary wants the row it carries
-            summary.append(outcome.result() if isinstance(outcome, State) else outcome)
-        if summary[-1]["status"] == "ran":  # a new MLflow run exists only when register ran
-            publish_run_facts(root)
-        if push:
-            summary.append(dvc_push(root))
+            # params.yaml and the pins that follow it change only if the whole run succeeds
+            with runs.files_kept([params_file, layout.data_source_file, layout.model_source_file]):
+                config.apply_overrides(texts, params_file)
+                write_sources(run_params, layout)
+                logger.info("params.yaml overrides written (--write-params): %s", applied)
+                return _workspace_stages(root, push)
+        return _workspace_stages(root, push)
+
+
+def _workspace_stages(root: str, push: bool) -> list[dict]:
+    """The six stages in the workspace, then the run's facts and the push."""
+    summary = []
+    for stage in STAGES:
+        outcome = dvc_stage(stage, root)
+        # a skipped stage returns its `Skipped` state; the summary wants the row it carries
+        summary.append(outcome.result() if isinstance(outcome, State) else outcome)
+    if summary[-1]["status"] == "ran":  # a new MLflow run exists only when register ran
+        publish_run_facts(root)
+    if push:
+        summary.append(dvc_push(root))
     return summary

@@ -63,17 +63,29 @@ def _print_summary(summary: list[dict], total: float) -> None:
 
 
 def _report_outcome(summary: list[dict]) -> None:
-    from graft.files import read_json
+    import json
 
+    from graft.files import read_json
+    from graft.layout import Layout
+
+    layout = Layout(Path("."))
+    reports = (layout.transfer, layout.gate, layout.registration)
     experiment = next((row["experiment"] for row in summary if row.get("experiment")), None)
     if experiment:
+        # the experiment's reports live in its commit (a DVC experiment ref), not in the workspace
+        from graft.runs import experiment_file
+
+        texts = [experiment_file(Path("."), experiment, path) for path in reports]
+        if all(texts):
+            _print_verdict(*(json.loads(text) for text in texts))
         print(f"\nexperiment {experiment}: params.yaml unchanged; `dvc exp show` lists it, "
               f"`dvc exp apply {experiment}` brings its results into the workspace")
         return
-    for name in ("reports/transfer.json", "reports/gate.json", "reports/registration.json"):
-        if not Path(name).exists():
-            return
-    transfer, gate, reg = (read_json(Path(f"reports/{n}.json")) for n in ("transfer", "gate", "registration"))
+    if all(path.exists() for path in reports):
+        _print_verdict(*(read_json(path) for path in reports))
+
+
+def _print_verdict(transfer: dict, gate: dict, reg: dict) -> None:
     from graft.report import verdict_sentence
 
     fine = transfer["candidates"][transfer["proposed"]]["test"]

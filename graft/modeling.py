@@ -67,9 +67,11 @@ def load_encoder(model_dir: Path, *, trust_remote_code: bool = False) -> PreTrai
 
 
 def build_classifier(
-    model_dir: Path, *, classes: Sequence[str], from_scratch: bool = False, trust_remote_code: bool = False
+    model_dir: Path, *, classes: Sequence[str], from_scratch: bool = False, trust_remote_code: bool = False,
+    name: str = "classifier",
 ) -> PreTrainedModel:
-    """Backbone + a new classification head; `from_scratch` keeps the architecture, not the weights."""
+    """Backbone + a new classification head; `from_scratch` keeps the architecture, not the weights.
+    `name` (the strategy) starts the one line that says what the load did."""
     cfg = AutoConfig.from_pretrained(
         model_dir,
         num_labels=len(classes),
@@ -79,9 +81,59 @@ def build_classifier(
     )
     if from_scratch:
         return AutoModelForSequenceClassification.from_config(cfg, trust_remote_code=trust_remote_code)
-    return AutoModelForSequenceClassification.from_pretrained(
-        model_dir, config=cfg, use_safetensors=True, trust_remote_code=trust_remote_code
-    )
+    # transformers reports the new head as MISSING weights in a table that reads like an error;
+    # graft expects it, says so in one line, and reports only what it did not expect
+    with _transformers_load_report_silenced():
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, config=cfg, use_safetensors=True, trust_remote_code=trust_remote_code, output_loading_info=True
+        )
+    for line in describe_head_load(model, info, name=name, classes=len(classes)):
+        print(line, flush=True)  # noqa: T201
+    return model
+
+
+@contextlib.contextmanager
+def _transformers_load_report_silenced():
+    """transformers' loading report (a warning of `transformers.modeling_utils`), left out for one
+    load. A filter, not a level: that logger's level switches another check's warnings on."""
+    import logging
+
+    def not_the_report(record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    report_logger.addFilter(not_the_report)
+    try:
+        yield
+    finally:
+        report_logger.removeFilter(not_the_report)
+
+
+def describe_head_load(model: PreTrainedModel, info: dict, *, name: str, classes: int) -> list[str]:
+    """What loading the backbone under a new head did, in graft's words: the head (weights outside
+    the backbone, newly initialised) is expected; a backbone weight missing from the checkpoint,
+    a checkpoint weight left unused or a shape mismatch is not, and is named."""
+    prefix = f"{model.base_model_prefix}."
+    missing = sorted(info.get("missing_keys") or [])
+    head = [k for k in missing if not k.startswith(prefix)]
+    backbone = [k for k in missing if k.startswith(prefix)]
+    lines = [f"{name}: new classification head for {classes} classes" if head
+             else f"{name}: classification head for {classes} classes loaded from the checkpoint"]
+
+    def shown(keys: list[str]) -> str:
+        return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+    if backbone:
+        lines.append(f"{name}: warning: {len(backbone)} backbone weight(s) not in the checkpoint, newly initialised: "
+                     f"{shown(backbone)}")
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if unexpected:
+        lines.append(f"{name}: warning: {len(unexpected)} checkpoint weight(s) not used by the model: {shown(unexpected)}")
+    mismatched = sorted(str(k[0]) if isinstance(k, tuple | list) else str(k) for k in info.get("mismatched_keys") or [])
+    if mismatched:
+        lines.append(f"{name}: warning: {len(mismatched)} weight(s) of another shape in the checkpoint, newly "
+                     f"initialised: {shown(mismatched)}")
+    return lines
 
 
 PROBE_HEAD_FILE = "probe_head.safetensors"

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+from pathlib import Path
+
+import yaml
+
 from graft import config
 from graft.layout import Layout
 from graft.modeling_refs import hub_model_commit, resolve_model_path
@@ -20,12 +26,12 @@ _SOURCE_COMMENT = (
 )
 
 
-def write_sources(params: config.Params, layout: Layout) -> list[str]:
-    """Resolve data.source and model.ref to what DVC should hash; write the two source files.
+def resolve_sources(params: config.Params, layout: Layout) -> dict[Path, tuple[dict, str]]:
+    """What the two source files should hold for `params`: {file: (payload, comment)}.
 
     A file or folder (local, or inside an installed package) is hashed itself; a hub data set or
     model is pinned by the commit its revision points at now, written into the source file, which
-    is then its own dependency. Returns the files whose content changed."""
+    is then its own dependency."""
     root = layout.root
     data, model = params.data, params.model
     if data.source.startswith(HUB_DATASET_PREFIX):
@@ -39,16 +45,51 @@ def write_sources(params: config.Params, layout: Layout) -> list[str]:
                        "model_source_commit": hub_model_commit(model.ref, model.revision)}
     else:
         model_entry = {"model_source": _where(model.ref, model_path, root), "model_source_commit": None}
-    changed = []
-    if write_source_file(layout.data_source_file,
-                         {**data_entry, "data_source_ref": data.source, "data_source_revision": data.revision},
-                         _SOURCE_COMMENT.format(stage="prepare", what="data set")):
-        changed.append(str(layout.data_source_file))
-    if write_source_file(layout.model_source_file,
-                         {**model_entry, "model_source_ref": model.ref, "model_source_revision": model.revision},
-                         _SOURCE_COMMENT.format(stage="fetch", what="backbone")):
-        changed.append(str(layout.model_source_file))
-    return changed
+    return {
+        layout.data_source_file: ({**data_entry, "data_source_ref": data.source, "data_source_revision": data.revision},
+                                  _SOURCE_COMMENT.format(stage="prepare", what="data set")),
+        layout.model_source_file: ({**model_entry, "model_source_ref": model.ref,
+                                    "model_source_revision": model.revision},
+                                   _SOURCE_COMMENT.format(stage="fetch", what="backbone")),
+    }
+
+
+def write_sources(params: config.Params, layout: Layout) -> list[str]:
+    """Resolve data.source and model.ref to what DVC should hash; write the two source files.
+    Returns the files whose content changed."""
+    return [str(path) for path, (payload, comment) in resolve_sources(params, layout).items()
+            if write_source_file(path, payload, comment)]
+
+
+def experiment_pins(params: config.Params, layout: Layout) -> list[str]:
+    """The source files an experiment with these (overridden) params needs, as `dvc exp run -S`
+    overrides (`data/source.yaml:data_source="..."`): DVC writes them into the experiment's copy
+    only, as it does params.yaml's, so dvc.yaml `vars` there name the run's own source and the
+    workspace's files stay as they are. A file that already says this is left out (rewriting
+    it would make its stage stale for nothing)."""
+    out: list[str] = []
+    for path, (payload, _comment) in resolve_sources(params, layout).items():
+        if path.exists() and (yaml.safe_load(path.read_text()) or {}) == payload:
+            continue
+        relative = Path(path).relative_to(layout.root).as_posix()
+        out += [f"{relative}:{key}={json.dumps(value)}" for key, value in payload.items()]
+    return out
+
+
+def local_sources_inside(params: config.Params, root: Path) -> list[str]:
+    """The local data source and backbone that live inside the repository, relative to it: an
+    experiment's copy holds only git-tracked files, so these are copied in (`--copy-paths`)."""
+    paths = []
+    if not params.data.source.startswith((HUB_DATASET_PREFIX, PACKAGE_PREFIX)):
+        paths.append(resolve_local(params.data.source))
+    model_path = None if params.model.ref.startswith(PACKAGE_PREFIX) else resolve_model_path(params.model.ref)
+    if model_path is not None:
+        paths.append(model_path)
+    inside = []
+    for path in paths:
+        with contextlib.suppress(ValueError):
+            inside.append(path.resolve().relative_to(Path(root).resolve()).as_posix())
+    return inside
 
 
 def _where(ref: str, path, root) -> str:

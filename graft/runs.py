@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from graft import config
 from graft.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_TRANSIENT, GraftError
+from graft.files import atomic_path
 
 FailureKind = Literal["input", "transient", "internal"]
 LOCK_FILE = Path(".dvc/tmp/graft-run.lock")
@@ -136,17 +137,107 @@ def experiment_name(flow_run_id: str | None) -> str:
 
 _STAGE_LINE = re.compile(
     r"^(?:(?P<ran>Running stage) '(?P<a>[\w-]+)'|Stage '(?P<b>[\w-]+)' (?P<how>didn't change|is cached))")
+_LOCK_UPDATED = re.compile(r"^(Generating|Updating) lock file")
 
 
-def stage_rows(output: str, stages: tuple[str, ...]) -> list[dict]:
-    """Per-stage outcome of one `dvc exp run`, read from DVC's own log lines."""
+def stage_rows(output: str, stages: tuple[str, ...], *, stamps: list[tuple[float, str]] | None = None,
+               finished: float | None = None) -> list[dict]:
+    """Per-stage outcome of one `dvc exp run`, read from DVC's own log lines; with `stamps` (each
+    line and when it arrived), a stage's seconds run from its first line to the next stage's (the
+    last one: to its last lock-file update, or `finished`)."""
     seen: dict[str, str] = {}
     for line in output.splitlines():
         match = _STAGE_LINE.match(line.strip())
         if match:
             stage = match["a"] or match["b"]
             seen[stage] = "ran" if match["ran"] else ("cached" if match["how"] == "is cached" else "skipped")
-    return [{"stage": s, "status": seen.get(s, "not run"), "seconds": 0.0} for s in stages]
+    seconds = _stage_seconds(stamps, finished) if stamps else {}
+    return [{"stage": s, "status": seen.get(s, "not run"), "seconds": round(seconds.get(s, 0.0), 2)}
+            for s in stages]
+
+
+def _stage_seconds(stamps: list[tuple[float, str]], finished: float | None) -> dict[str, float]:
+    starts: list[tuple[str, float]] = []
+    last_lock = None
+    for when, line in stamps:
+        match = _STAGE_LINE.match(line.strip())
+        if match:
+            starts.append((match["a"] or match["b"], when))
+        elif _LOCK_UPDATED.match(line.strip()):
+            last_lock = when
+    out: dict[str, float] = {}
+    for i, (stage, began) in enumerate(starts):
+        if i + 1 < len(starts):
+            ended = starts[i + 1][1]
+        else:
+            ended = last_lock if last_lock is not None and last_lock >= began else (finished or began)
+        out[stage] = out.get(stage, 0.0) + max(ended - began, 0.0)
+    return out
+
+
+# DVC's advice about what graft does itself: stage dvc.lock in git (the user commits it with the
+# pins), push (graft run pushes), apply an experiment (graft's last line says how)
+_HINT_STARTS = ("To track the changes with git, run:", "To enable auto staging, run:",
+                "To apply the results of an experiment to your workspace run:")
+_PUSH_HINT = "Use `dvc push` to send your updates to remote storage."
+# an experiment's copy checks out every output dvc.lock knows; one it has no version of yet is
+# made by its stage, which DVC warns about once per output
+_NO_HASH = re.compile(r"^WARNING: No file hash info found for '.*'\. It won't be created\.$")
+
+
+class DvcLogFilter:
+    """DVC's log without the hints and warnings about what graft already handles; the rest
+    (stage lines, the stages' own output, progress bars) passes unchanged, line by line."""
+
+    def __init__(self) -> None:
+        self._in_hint = False
+        self._blank: list[bytes] = []  # blank lines wait: the one before a hint goes with it
+        self._no_hash = 0
+
+    def feed(self, line: bytes) -> list[bytes]:
+        """The lines to show now for one line of DVC's output."""
+        text = line.decode("utf-8", "replace").rstrip("\r\n")
+        if self._in_hint:
+            if not text.strip() or text.startswith("\t"):
+                return []
+            self._in_hint = False
+        if not text.strip():
+            self._blank.append(line)
+            return []
+        if text in _HINT_STARTS:
+            self._in_hint, self._blank = True, []
+            return []
+        if text == _PUSH_HINT:
+            return []
+        if _NO_HASH.match(text):
+            self._no_hash += 1
+            return []
+        out = [*self._pending_note(), *self._blank, line]
+        self._blank = []
+        return out
+
+    def close(self) -> list[bytes]:
+        """What is still held back when DVC's output ends (trailing blank lines are dropped)."""
+        return self._pending_note()
+
+    def _pending_note(self) -> list[bytes]:
+        if not self._no_hash:
+            return []
+        note = f"experiment: {self._no_hash} output(s) have no version in dvc.lock yet; their stages make them\n"
+        self._no_hash = 0
+        return [note.encode()]
+
+
+def experiment_file(root: Path, name: str, path: Path) -> str | None:
+    """A file as experiment `name` committed it (its DVC experiment ref), or None."""
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], cwd=root,
+                          capture_output=True, text=True, check=False).stdout.split()
+    ref = next((r for r in refs if r.endswith(f"/{name}")), None)
+    if ref is None:
+        return None
+    relative = Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    shown = subprocess.run(["git", "show", f"{ref}:{relative}"], cwd=root, capture_output=True, text=True, check=False)
+    return shown.stdout if shown.returncode == 0 else None
 
 
 def _optional_model(model: type[BaseModel], name: str) -> type[BaseModel]:
@@ -194,8 +285,55 @@ def require_git_commit(root: Path) -> None:
 
 
 def track_files(workspace: Path, paths: list[Path]) -> None:
-    """`git add` files the pipeline writes and the user commits (the source pins), so a DVC
-    experiment's temporary copy has them."""
+    """`git add` files the pipeline writes and the user commits (the source pins, dvc.lock, the
+    `cache: false` reports), so a DVC experiment's temporary copy has them; run it inside
+    `git_index_kept`, which puts the user's index back afterwards."""
     existing = [str(Path(p).relative_to(workspace)) for p in paths if Path(p).exists()]
     if existing:
         subprocess.run(["git", "add", "--", *existing], cwd=workspace, capture_output=True, check=False)
+
+
+@contextlib.contextmanager
+def git_index_kept(workspace: Path) -> Iterator[None]:
+    """Git's index as it was before, whether the run succeeds or fails: what graft stages for an
+    experiment's copy is graft's business, what the user staged is theirs."""
+    proc = subprocess.run(["git", "rev-parse", "--git-path", "index"], cwd=workspace, capture_output=True,
+                          text=True, check=False)
+    index = Path(workspace) / proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else None
+    with files_kept([index] if index else [], always=True):
+        yield
+
+
+@contextlib.contextmanager
+def files_kept(paths: list[Path], *, always: bool = False) -> Iterator[None]:
+    """Put these files back byte for byte (or remove them, if they did not exist) when the body
+    fails, or always."""
+    saved = {Path(p): Path(p).read_bytes() if Path(p).exists() else None for p in paths}
+
+    def restore() -> None:
+        for path, content in saved.items():
+            if content is None:
+                path.unlink(missing_ok=True)
+            elif not path.exists() or path.read_bytes() != content:
+                with atomic_path(path) as tmp:
+                    tmp.write_bytes(content)
+
+    try:
+        yield
+    except BaseException:
+        restore()
+        raise
+    if always:
+        restore()
+
+
+def params_with_overrides(overrides: list[str], params_file: Path) -> config.Params:
+    """The params a run with these overrides sees, validated; params.yaml itself is not touched."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="graft-params-") as tmp:
+        copy = Path(tmp) / params_file.name
+        shutil.copyfile(params_file, copy)
+        config.apply_overrides(overrides, copy)
+        return config.load(copy)

@@ -75,7 +75,7 @@ def train_transformer(params: config.Params, strategy: str, *, classes: list[str
     # Seed right before building, so the new head's (and adapters') init is the same whatever ran before.
     seed_everything(params.seed)
     model = build_classifier(layout.pretrained_dir, classes=classes, from_scratch=strategy == "scratch",
-                             trust_remote_code=trust)
+                             trust_remote_code=trust, name=strategy)
     lora = {"r": t.lora.r, "alpha": t.lora.alpha, "dropout": t.lora.dropout}
     model, frozen, groups = prepare_strategy(model, strategy, freeze_layers=freeze, lr=lr, weight_decay=t.weight_decay,
                                              layer_decay=t.full.layer_decay, lora=lora)

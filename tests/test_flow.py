@@ -58,13 +58,60 @@ def _dvc(root: Path, *args: str) -> str:
                           text=True).stdout
 
 
+# what a newcomer's log must not show: DVC's git hints, an experiment's hash warnings,
+# transformers' report of the new head (graft says each in its own words, or handles it)
+LOG_NOISE = ("To track the changes with git", "dvc config core.autostage", "No file hash info found",
+             "LOAD REPORT", "newly initialized", "Consider training on your downstream task")
+
+
+def graft_cli(root: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """`graft ARGS` in the workspace, as a user runs it (its own Prefect home and ephemeral API)."""
+    import os
+
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-cli"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")
+    env.pop("PREFECT_API_URL", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "graft.cli", *args], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=1200)
+
+
+def stage_table(log: str) -> dict[str, tuple[str, float]]:
+    """The per-stage table `graft run` ends with: {stage: (status, seconds)}."""
+    rows = [line.split() for line in log.splitlines()]
+    return {row[0]: (row[1], float(row[2])) for row in rows
+            if len(row) == 3 and row[0] in (*STAGES, "push")}
+
+
+def assert_readable(log: str) -> None:
+    assert not [noise for noise in LOG_NOISE if noise in log], log[-4000:]
+    assert "stage       status    seconds" in log and any(line.startswith("total ") for line in log.splitlines())
+    verdict = [line for line in log.splitlines() if ": test accuracy " in line and "gate passed=" in line]
+    assert verdict, log[-4000:]
+
+
+def workspace_state(root: Path) -> dict[str, str | None]:
+    """What a run with overrides must leave as it was: params, pins, dvc.lock (bytes) and git's index."""
+    import hashlib
+
+    state = {name: hashlib.sha256((root / name).read_bytes()).hexdigest() if (root / name).exists() else None
+             for name in ("params.yaml", "data/source.yaml", "models/source.yaml", "dvc.lock")}
+    state["git index"] = subprocess.run(["git", "ls-files", "--stage"], cwd=root, capture_output=True, text=True,
+                                        check=True).stdout
+    return state
+
+
 def test_second_run_skips_everything_and_a_train_param_reruns_only_downstream(tmp_path, tiny_model_dir, monkeypatch):
     # the workspace's own store (an earlier in-process mlflow.set_tracking_uri exports the variable)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = make_workspace(tmp_path / "ws", tiny_params(tiny_model_dir))
     commit(root)
-    first = pipeline(root=str(root), return_state=True)
-    assert [r["status"] for r in first.result()] == ["ran"] * 7  # six stages + push
+    first = graft_cli(root, tmp_path, "run")  # as a user runs it: its log is what a newcomer reads
+    log = first.stdout + first.stderr
+    assert first.returncode == 0, log[-4000:]
+    assert_readable(log)
+    assert "partial: new classification head for 3 classes" in log  # said once, in graft's words
+    assert {stage: row[0] for stage, row in stage_table(log).items()} == dict.fromkeys((*STAGES, "push"), "ran")
     assert (root / "reports/registration.json").exists() and (root / "dvc.lock").exists()
     assert "up to date" in _dvc(root, "status").lower()
 
@@ -75,12 +122,15 @@ def test_second_run_skips_everything_and_a_train_param_reruns_only_downstream(tm
     assert "didn't change" in _dvc(root, "repro").lower() or "up to date" in _dvc(root, "repro").lower()
 
     committed = (root / "params.yaml").read_text()
+    before = workspace_state(root)
     third = pipeline(overrides=["train.epochs=1"], root=str(root), return_state=True)
     rows = third.result()
     assert {r["stage"]: r["status"] for r in rows if r["status"] == "ran"} == {
         "train": "ran", "evaluate": "ran", "register": "ran"}, rows
+    assert all(r["seconds"] > 0 for r in rows if r["status"] == "ran"), rows  # timed from DVC's stage lines
     experiment = rows[0]["experiment"]
     assert (root / "params.yaml").read_text() == committed  # the override stayed in the experiment
+    assert workspace_state(root) == before  # dvc.lock and the reports were staged for the copy, then unstaged
     assert "up to date" in _dvc(root, "status").lower()  # and the workspace is as the second run left it
     shown = json.loads(_dvc(root, "exp", "show", "--json"))
     exps = {e["name"]: e for rev in shown for e in (rev.get("experiments") or []) for e in e["revs"]}
@@ -100,6 +150,81 @@ def test_second_run_skips_everything_and_a_train_param_reruns_only_downstream(tm
                       push=False, return_state=True)
     assert [r["stage"] for r in fourth.result() if r["status"] == "ran"] == ["register"]
     assert yaml.safe_load((root / "params.yaml").read_text())["register"]["experiment"] == "graft-written"
+
+
+def _relabelled_copy(source: Path, out: Path, renames: dict[str, str]) -> Path:
+    """Another data set of the same shape: the fixture with some classes renamed."""
+    import pandas as pd
+
+    frame = pd.read_csv(source)
+    frame["label"] = frame["label"].replace(renames)
+    frame.to_csv(out, index=False)
+    return out
+
+
+def test_a_run_pins_and_snapshots_its_own_data_source_and_leaves_the_workspace_as_committed(tmp_path, tiny_model_dir):
+    """`graft run -S data.source=...` and the UI's form with data.source: each run pins its own
+    source in its experiment (DVC hashes that file, prepare snapshots it), its registered version
+    names it, and the workspace's params.yaml, pins, dvc.lock and git index stay as they were."""
+    from mlflow import MlflowClient
+
+    from .conftest import NEWS_CSV
+
+    root = make_workspace(tmp_path / "ws", tiny_params(tiny_model_dir))
+    commit(root)
+    other = _relabelled_copy(NEWS_CSV, tmp_path / "reviews.csv", {"tech": "computing"})
+    before = workspace_state(root)
+
+    run = graft_cli(root, tmp_path, "run", "--no-push", "-S", f"data.source={other}")
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-4000:]
+    assert_readable(log)
+    assert "experiment: 6 output(s) have no version in dvc.lock yet; their stages make them" in log
+    table = stage_table(log)
+    assert {stage: row[0] for stage, row in table.items()} == dict.fromkeys(STAGES, "ran"), log[-3000:]
+    assert all(seconds > 0 for _, seconds in table.values()), table  # measured, not 0.0
+    assert workspace_state(root) == before
+
+    experiment = next(line.split()[1].rstrip(":") for line in log.splitlines() if line.startswith("experiment graft-"))
+    ref = next(r for r in subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps/"], cwd=root,
+                                         capture_output=True, text=True, check=True).stdout.split()
+               if r.endswith(experiment))
+    lock = yaml.safe_load(subprocess.run(["git", "show", f"{ref}:dvc.lock"], cwd=root, capture_output=True, text=True,
+                                         check=True).stdout)
+    assert str(other) in [dep["path"] for dep in lock["stages"]["prepare"]["deps"]]  # DVC hashed the run's source
+    assert "data/raw" in [out["path"] for out in lock["stages"]["prepare"]["outs"]]  # and prepare snapshot it
+
+    # the UI's form, as Prefect passes it (every stage runs again: DVC keeps no run cache for stages
+    # with `persist: true` outputs, and the workspace has no dvc.lock to start from)
+    form = runs.ParamOverrides.model_validate({"data": {"source": str(other)}, "register": {"alias": "from-ui"}})
+    rows = pipeline(params=form, root=str(root), push=False)
+    assert {r["stage"]: r["status"] for r in rows} == dict.fromkeys(STAGES, "ran")
+    assert workspace_state(root) == before
+
+    uri = f"sqlite:///{root / 'mlruns.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    versions = sorted(client.search_model_versions("name='graft-classifier'"), key=lambda v: int(v.version))
+    assert [v.tags["data_source"] for v in versions] == [str(other), str(other)]
+    assert client.get_model_version_by_alias("graft-classifier", "from-ui").version == versions[-1].version
+
+
+def test_a_failing_run_with_overrides_leaves_params_pins_and_the_git_index_as_they_were(tmp_path, tiny_model_dir):
+    import pandas as pd
+
+    from .conftest import NEWS_CSV
+
+    root = make_workspace(tmp_path / "ws", tiny_params(tiny_model_dir))
+    commit(root)
+    broken = tmp_path / "unlabelled.csv"
+    pd.read_csv(NEWS_CSV).drop(columns=["label"]).to_csv(broken, index=False)
+    (root / "NOTES.md").write_text("staged by the user\n")
+    subprocess.run(["git", "add", "NOTES.md"], cwd=root, check=True)  # what the user staged stays staged
+    before = workspace_state(root)
+    for write_params in (True, False):
+        with pytest.raises(StageFailed, match="label") as err:
+            pipeline(overrides=[f"data.source={broken}"], root=str(root), push=False, write_params=write_params)
+        assert err.value.user_error
+        assert workspace_state(root) == before, f"write_params={write_params}"
 
 
 def test_stage_error_surfaces_as_one_line(tmp_path, tiny_model_dir):

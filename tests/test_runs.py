@@ -16,7 +16,7 @@ import pytest
 
 from graft import runs
 
-from .conftest import make_workspace, tiny_params
+from .conftest import load_params, make_workspace, tiny_params
 from .test_flow import commit
 
 
@@ -141,3 +141,88 @@ def test_workspace_lock_says_whom_a_waiter_waits_for(tmp_path, busy):
             pass
         release.set()
     thread.join()
+
+
+# DVC 3's own words, as a stage and an experiment print them
+_DVC_STAGE_LOG = b"""Running stage 'prepare':
+> python -m tasks.prepare
+prepare: 3 classes, train=18, val=12, test=18
+Generating lock file 'dvc.lock'
+Updating lock file 'dvc.lock'
+
+To track the changes with git, run:
+
+\tgit add data/.gitignore dvc.lock
+
+To enable auto staging, run:
+
+\tdvc config core.autostage true
+Use `dvc push` to send your updates to remote storage.
+"""
+_DVC_EXPERIMENT_LOG = b"""Reproducing experiment 'graft-x'
+WARNING: No file hash info found for '/ws/.dvc/tmp/exps/standalone/tmp1/models/pretrained'. It won't be created.
+WARNING: No file hash info found for '/ws/.dvc/tmp/exps/standalone/tmp1/data/raw'. It won't be created.
+Stage 'prepare' didn't change, skipping
+Running stage 'train':
+> python -m tasks.train
+train: proposed partial (best on validation)
+Updating lock file 'dvc.lock'
+
+Running stage 'evaluate':
+Updating lock file 'dvc.lock'
+
+Ran experiment(s): graft-x
+To apply the results of an experiment to your workspace run:
+
+\tdvc exp apply <exp>
+"""
+
+
+def _filtered(log: bytes) -> str:
+    shown = runs.DvcLogFilter()
+    out = [line for raw in log.splitlines(keepends=True) for line in shown.feed(raw)] + shown.close()
+    return b"".join(out).decode()
+
+
+def test_dvc_hints_about_what_graft_does_itself_are_left_out_of_the_log():
+    assert _filtered(_DVC_STAGE_LOG) == (
+        "Running stage 'prepare':\n> python -m tasks.prepare\nprepare: 3 classes, train=18, val=12, test=18\n"
+        "Generating lock file 'dvc.lock'\nUpdating lock file 'dvc.lock'\n")
+    assert _filtered(_DVC_EXPERIMENT_LOG) == (
+        "Reproducing experiment 'graft-x'\n"
+        "experiment: 2 output(s) have no version in dvc.lock yet; their stages make them\n"
+        "Stage 'prepare' didn't change, skipping\nRunning stage 'train':\n> python -m tasks.train\n"
+        "train: proposed partial (best on validation)\nUpdating lock file 'dvc.lock'\n\n"
+        "Running stage 'evaluate':\nUpdating lock file 'dvc.lock'\n\nRan experiment(s): graft-x\n")
+
+
+def test_an_experiments_stage_seconds_come_from_when_its_lines_arrived():
+    lines = _DVC_EXPERIMENT_LOG.decode().splitlines()
+    arrival = {"Stage 'prepare'": 10.0, "Running stage 'train'": 10.5, "Running stage 'evaluate'": 40.5}
+    stamps, now = [], 0.0
+    for line in lines:
+        now = next((t for prefix, t in arrival.items() if line.startswith(prefix)), now)
+        if line.startswith("Updating lock file") and now >= 40.5:
+            now = 52.0
+        stamps.append((now, line))
+    rows = runs.stage_rows("\n".join(lines), ("prepare", "train", "evaluate", "register"), stamps=stamps, finished=60.0)
+    assert rows == [{"stage": "prepare", "status": "skipped", "seconds": 0.5},
+                    {"stage": "train", "status": "ran", "seconds": 30.0},
+                    {"stage": "evaluate", "status": "ran", "seconds": 11.5},
+                    {"stage": "register", "status": "not run", "seconds": 0.0}]
+
+
+def test_an_experiment_pins_its_own_backbone_and_leaves_a_source_it_shares_alone(workspace, tiny_model_dir, tmp_path):
+    import shutil
+
+    from graft.layout import Layout
+    from graft.pins import experiment_pins
+
+    other = shutil.copytree(tiny_model_dir, tmp_path / "other-model")
+    pinned = (workspace / "models/source.yaml").read_bytes()
+    params = runs.params_with_overrides([f"model.ref={other}"], workspace / "params.yaml")
+    assert experiment_pins(params, Layout(workspace)) == [
+        f'models/source.yaml:model_source="{other}"', "models/source.yaml:model_source_commit=null",
+        f'models/source.yaml:model_source_ref="{other}"', "models/source.yaml:model_source_revision=null"]
+    assert experiment_pins(load_params(workspace), Layout(workspace)) == []
+    assert (workspace / "models/source.yaml").read_bytes() == pinned

@@ -191,3 +191,31 @@ def test_binary_tfidf_probabilities_are_sklearns(tmp_path: Path):
     loaded = load_tfidf(tmp_path / "tfidf")(["storm and heat"])
     scores = pipeline.decision_function(["storm and heat"])
     np.testing.assert_allclose(loaded[:, 1], 1 / (1 + np.exp(-scores)), atol=1e-12)  # sigmoid(s), not sigmoid(2s)
+
+
+def test_a_new_head_is_said_in_one_line_and_only_unexpected_keys_are_reported(tmp_path: Path, tiny_model_dir: Path,
+                                                                              capfd):
+    """transformers' LOAD REPORT table reads like an error; the new head is expected, and what is
+    not (a backbone weight missing, a checkpoint weight unused) is still named."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from graft.modeling import build_classifier
+
+    build_classifier(tiny_model_dir, classes=["food", "sport", "tech"], name="partial")
+    out, err = capfd.readouterr()
+    assert "LOAD REPORT" not in out + err and "MISSING" not in out + err
+    assert "[transformers]" not in err  # nor any other transformers warning the silencing might switch on
+    assert out.splitlines() == ["partial: new classification head for 3 classes"]
+
+    # a masked-LM checkpoint: no pooler (missing from the backbone), an LM head (unused)
+    mlm_dir = tmp_path / "mlm"
+    BertForMaskedLM(BertConfig.from_pretrained(tiny_model_dir)).save_pretrained(mlm_dir, safe_serialization=True)
+    build_classifier(mlm_dir, classes=["a", "b"], name="full")
+    out, err = capfd.readouterr()
+    assert "LOAD REPORT" not in out + err
+    lines = out.splitlines()
+    assert lines[0] == "full: new classification head for 2 classes"
+    assert any(line.startswith("full: warning: 2 backbone weight(s) not in the checkpoint, newly initialised: "
+                               "bert.pooler.dense.bias") for line in lines), lines
+    assert any(line.startswith("full: warning: ") and "checkpoint weight(s) not used by the model: cls.predictions"
+               in line for line in lines), lines
