@@ -147,6 +147,12 @@ class Layout:
     def report_html(self) -> Path:
         return self._p("reports/report.html")
 
+    @property
+    def test_predictions(self) -> Path:
+        """The proposed candidate's test predictions as evaluate scored them (row ids, labels,
+        probabilities per class): what register checks the served model against."""
+        return self._p("reports/test_predictions.json")
+
     # register
     @property
     def registration(self) -> Path:
@@ -170,6 +176,7 @@ PRODUCED_BY = {
     "reports/gate.json": "evaluate",
     "reports/bias.json": "evaluate",
     "reports/robustness.json": "evaluate",
+    "reports/test_predictions.json": "evaluate",
 }
 
 

@@ -314,7 +314,7 @@ def assess(
     metrics["probes"] = {"counterfactual_max_flip_rate": counterfactual[proposed]["max_flip_rate"],
                          "robustness_max_flip_rate": robustness["candidates"][proposed]["max_flip_rate"]}
     return {"proposed": proposed, "metrics": metrics, "transfer": transfer, "bias": bias, "robustness": robustness, "gate": result_gate,
-            "predictions": pred, "y_test": y_test}
+            "predictions": pred, "y_test": y_test, "proposed_test_proba": proba[proposed]}
 
 
 def plots(result: Mapping, classes: list[str]) -> dict[str, bytes | None]:
@@ -337,6 +337,14 @@ def plots(result: Mapping, classes: list[str]) -> dict[str, bytes | None]:
                 for col, per in result["bias"]["groups"].items() for cand, r in per.items()}
         out["groups"] = grouped_bars_png(bars, "accuracy per group")
     return out
+
+
+def predictions_of(candidate: str, proba: np.ndarray, test: pd.DataFrame, classes: list[str]) -> dict:
+    """A candidate's test predictions, row by row, as evaluate scored them: register compares
+    the served model with these (deterministic: no run facts)."""
+    proba = np.asarray(proba, dtype=np.float64)
+    return {"candidate": candidate, "classes": classes, "ids": test["id"].astype(str).tolist(),
+            "labels": [classes[i] for i in proba.argmax(1)], "probabilities": proba.tolist()}
 
 
 def evaluate(params: config.Params, *, layout: Layout | None = None) -> dict:
@@ -371,6 +379,8 @@ def evaluate(params: config.Params, *, layout: Layout | None = None) -> dict:
     confusion_rows = pd.DataFrame({"actual": [classes[i] for i in result["y_test"]],
                                    "predicted": [classes[i] for i in result["predictions"][result["proposed"]]]})
     atomic_write_text(layout.plots_dir / "confusion.csv", confusion_rows.to_csv(index=False))
+    write_json(layout.test_predictions, predictions_of(result["proposed"], result["proposed_test_proba"],
+                                                         splits["test"], classes))
     result["metrics"]["evaluate_seconds"] = round(time.perf_counter() - started, 2)
     result["metrics"]["forward_passes"] = {name: s.forwarded for name, s in scorers.items()}
     write_json(layout.metrics, result["metrics"])
