@@ -95,6 +95,10 @@ def _print_verdict(transfer: dict, gate: dict, reg: dict) -> None:
           f"negative_transfer={transfer['negative_transfer']}; gate passed={gate['passed']}")
     if reg.get("registered"):
         print(f"registered {reg['model_name']} version {reg['version']} as @{', @'.join(reg['aliases'])}")
+        if reg.get("parity"):
+            check = reg["parity"]
+            print(f"served = evaluated: {check['rows']} test rows, {check['labels_differ']} labels differ, largest "
+                  f"probability difference {check['max_probability_difference']:.2g} (tolerance {check['tolerance']:g})")
         if reg.get("promotion"):
             print(f"promotion: {reg['promotion']['reason']}")
     else:

@@ -157,6 +157,12 @@ class Layout:
         evaluating the same models again changes nothing that register reads."""
         return self._p("reports/evaluate.json")
 
+    @property
+    def test_predictions(self) -> Path:
+        """The proposed candidate's test predictions as evaluate scored them (row ids, labels,
+        probabilities per class): what register checks the served model against."""
+        return self._p("reports/test_predictions.json")
+
     # register
     @property
     def registration(self) -> Path:

@@ -163,9 +163,10 @@ class MeanPoolingClassifier(torch.nn.Module):
 
 def save_probe_classifier(
     encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, weight: np.ndarray, bias: np.ndarray,
-    *, classes: Sequence[str], out_dir: Path,
+    *, classes: Sequence[str], out_dir: Path, also_write: Callable[[Path], None] | None = None,
 ) -> None:
-    """The backbone (safetensors), its tokenizer and the probe head, as one model folder."""
+    """The backbone (safetensors), its tokenizer and the probe head, as one model folder;
+    `also_write(folder)` adds files to it before it replaces `out_dir`."""
     from graft.files import atomic_path
 
     encoder.config.num_labels = len(classes)
@@ -176,6 +177,8 @@ def save_probe_classifier(
         tokenizer.save_pretrained(tmp)
         save_file({"weight": torch.as_tensor(weight).contiguous(), "bias": torch.as_tensor(bias).contiguous()},
                   str(tmp / PROBE_HEAD_FILE))
+        if also_write is not None:
+            also_write(tmp)
 
 
 def load_classifier(model_dir: Path, *, trust_remote_code: bool = False) -> torch.nn.Module:

@@ -25,6 +25,20 @@ import pandas as pd
 from graft import config
 from graft.errors import GraftError
 
+
+class ParityError(GraftError):
+    """The model served from the registry does not give the predictions evaluate scored."""
+
+# How far a served probability may be from evaluate's and still count as the same model: both
+# run the same weights in fp32 on the same tokens; batch composition and padding only move the
+# float rounding (measured below 1e-6 on the tiny test model), while a different head, max_length
+# or truncation moves probabilities by 1e-2 and more.
+PARITY_TOLERANCE = 1e-4
+# graft's verdict on a version: registered (checked, aliases may name it), refused (served
+# predictions differ from evaluate's), abandoned (its register run stopped before checking it)
+STATUS_TAG = "graft_status"
+PROMOTION_TAG = "promotion"
+
 DEFAULT_TRACKING_DB = "mlruns.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 CHAMPION = "champion"
@@ -171,18 +185,29 @@ def model_card(*, name: str, manifest: dict, datacard: dict, metrics: dict, tran
     return "\n".join(lines) + "\n"
 
 
-def log_model(*, model_dir: Path, card_path: Path, example_texts: list[str], registered_name: str) -> Any:
+def servable(model_dir: Path) -> Any:
+    """The model folder loaded as the registry will serve it (graft.serving.TextClassifier); a
+    folder whose serving description is missing or wrong is refused with its file named."""
+    from graft.serving import ServingDescriptionError, TextClassifier
+
+    try:
+        return TextClassifier().load(model_dir)
+    except ServingDescriptionError as err:
+        raise GraftError(str(err)) from None
+
+
+def log_model(*, model_dir: Path, card_path: Path, example_texts: list[str], registered_name: str,
+              classifier: Any = None) -> Any:
     """Log the pyfunc model (code + safetensors folder, nothing pickled) and register a version.
 
-    The signature comes from predicting the input example in this process; MLflow never looks
-    up a hub model card, so registering needs no network."""
+    The signature comes from predicting the input example in this process (with `classifier`,
+    the folder already loaded by `servable`); MLflow never looks up a hub model card, so
+    registering needs no network."""
     import mlflow
     from mlflow.models import infer_signature
 
-    from graft.serving import TextClassifier
-
     example = pd.DataFrame({"text": example_texts})
-    output = TextClassifier().load(model_dir).predict(None, example)
+    output = (classifier or servable(model_dir)).predict(None, example)
     return mlflow.pyfunc.log_model(
         name="model", python_model=str(SERVING_CODE),
         artifacts={"model": str(model_dir), "model_card": str(card_path)},
@@ -192,12 +217,123 @@ def log_model(*, model_dir: Path, card_path: Path, example_texts: list[str], reg
     )
 
 
-def accuracy_of(model_uri: str, texts: list[str], labels: list[str]) -> float:
-    """Accuracy of a registered model on these texts, predicted now through the registry."""
+def predict(model_uri: str, texts: list[str]) -> pd.DataFrame:
+    """A registered model's predictions of these texts, made now through the registry."""
     import mlflow
 
-    predicted = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"text": texts}))["label"]
-    return float((predicted.astype(str).to_numpy() == pd.Series(labels).astype(str).to_numpy()).mean())
+    return mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"text": texts}))
+
+
+def accuracy(predicted: pd.DataFrame, labels: list[str]) -> float:
+    return float((predicted["label"].astype(str).to_numpy() == pd.Series(labels).astype(str).to_numpy()).mean())
+
+
+def accuracy_of(model_uri: str, texts: list[str], labels: list[str]) -> float:
+    """Accuracy of a registered model on these texts, predicted now through the registry."""
+    return accuracy(predict(model_uri, texts), labels)
+
+
+def check_predictions_fit(expected: dict, *, path: Path, candidate: str, ids: list[str], classes: list[str]) -> None:
+    """evaluate's test predictions are for this candidate, this test split and these classes."""
+    try:
+        found = (expected["candidate"], list(expected["ids"]), list(expected["classes"]))
+        rows = (len(expected["labels"]), len(expected["probabilities"]))
+    except (KeyError, TypeError) as err:
+        raise GraftError(f"{path}: missing key {err}; run the 'evaluate' stage again") from None
+    if found[0] != candidate:
+        raise GraftError(f"{path}: predictions of {found[0]!r}, but train proposed {candidate!r}; "
+                         "run the 'evaluate' stage again")
+    if found[1] != ids or rows != (len(ids), len(ids)):
+        raise GraftError(f"{path}: {len(found[1])} rows whose ids are not the test split's {len(ids)}; "
+                         "run the 'evaluate' stage again")
+    if found[2] != classes:
+        raise GraftError(f"{path}: classes {found[2]}, but the datacard has {classes}; run the 'evaluate' stage again")
+
+
+def parity(expected: dict, served: pd.DataFrame, *, tolerance: float = PARITY_TOLERANCE) -> dict:
+    """Row by row, the served model's test predictions against evaluate's: how many labels
+    differ and the largest absolute difference of a class probability."""
+    import numpy as np
+
+    from graft.serving import probability_column
+
+    ids, classes = list(expected["ids"]), list(expected["classes"])
+    columns = [probability_column(c) for c in classes]
+    result = {"rows": len(ids), "tolerance": tolerance, "labels_differ": len(ids), "max_probability_difference": None,
+              "max_difference_row": None, "differing_rows": ids[:5]}
+    missing = [c for c in ["label", *columns] if c not in served.columns]
+    if missing or len(served) != len(ids):
+        result.update(passed=False, reason=f"served output has {len(served)} rows, columns missing: {missing}")
+        return result
+    differ = np.flatnonzero(served["label"].astype(str).to_numpy() != np.asarray(expected["labels"], dtype=str))
+    gaps = np.abs(served[columns].to_numpy(dtype=np.float64) - np.asarray(expected["probabilities"], dtype=np.float64))
+    worst = gaps.max(axis=1) if len(ids) else np.zeros(0)
+    largest = float(worst.max()) if len(ids) else 0.0
+    result.update(labels_differ=int(len(differ)), max_probability_difference=largest,
+                  max_difference_row=ids[int(worst.argmax())] if len(ids) else None,
+                  differing_rows=[ids[i] for i in differ[:5]], passed=len(differ) == 0 and largest <= tolerance)
+    return result
+
+
+def parity_sentence(check: dict) -> str:
+    if check.get("reason"):
+        return check["reason"]
+    largest = check["max_probability_difference"]
+    return (f"{check['labels_differ']} of {check['rows']} test rows get another label"
+            + (f" (first: {', '.join(check['differing_rows'])})" if check["labels_differ"] else "")
+            + f", largest probability difference {largest:.3g} (row {check['max_difference_row']}; "
+            f"tolerance {check['tolerance']:g})")
+
+
+def record_parity(client, name: str, version: str, check: dict) -> None:
+    """The parity result on the version (tags) and on the active MLflow run (tags and metrics)."""
+    import mlflow
+
+    values = {"parity_passed": str(check["passed"]), "parity_rows": str(check["rows"]),
+              "parity_labels_differ": str(check["labels_differ"]), "parity_tolerance": str(check["tolerance"]),
+              "parity_max_probability_difference": str(check["max_probability_difference"])}
+    for key, value in values.items():
+        client.set_model_version_tag(name, version, key, value)
+    mlflow.set_tags(values)
+    mlflow.log_metrics({k: float(check[k.removeprefix("parity_")]) for k in
+                        ("parity_rows", "parity_labels_differ", "parity_tolerance", "parity_max_probability_difference")
+                        if check[k.removeprefix("parity_")] is not None})
+
+
+def mark_version(client, name: str, version: str, status: str, why: str) -> None:
+    """Tag a version that must not be used and put the reason first in its description."""
+    client.set_model_version_tag(name, version, STATUS_TAG, status)
+    client.set_model_version_tag(name, version, f"{status}_reason", why[:4000])
+    old = client.get_model_version(name, version).description or ""
+    client.update_model_version(name, version, description=f"**{status.upper()}, do not use**: {why}\n\n{old}")
+
+
+def mark_half_registered(client, name: str, *, by_run: str) -> list[dict]:
+    """Versions of `name` that a register run left half-registered (stopped after MLflow created
+    the version, before graft checked and tagged it): marked `abandoned`, their runs ended FAILED.
+
+    Call it under `registry_lock`: a register run holds the lock from creating its version until
+    the version carries `graft_status`, so a version without it (and without the `promotion`
+    tag every finished version of older graft carries) was left by a run that died. Across
+    machines sharing a tracking server the lock is per machine."""
+    found = []
+    for v in client.search_model_versions(f"name='{name}'"):
+        tags = client.get_model_version(name, v.version).tags
+        if STATUS_TAG in tags or PROMOTION_TAG in tags:
+            continue
+        run_status = None
+        if v.run_id:
+            run = client.get_run(v.run_id)
+            run_status = run.info.status
+            if run_status == "RUNNING":
+                client.set_terminated(v.run_id, status="FAILED")
+                client.set_tag(v.run_id, "graft_abandoned_by_run", by_run)
+        why = (f"half-registered: its register run {v.run_id} stopped before graft checked it (parity, "
+               f"lineage, model card, aliases); found by run {by_run}")
+        mark_version(client, name, str(v.version), "abandoned", why)
+        found.append({"version": str(v.version), "run_id": v.run_id, "run_status_was": run_status,
+                      "aliases": list(getattr(v, "aliases", []) or [])})
+    return found
 
 
 def champion_version(client, name: str) -> str | None:

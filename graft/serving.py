@@ -4,10 +4,17 @@ MLflow logs this file as "model from code" (`mlflow.pyfunc.log_model(python_mode
 so nothing is pickled: loading runs this code and reads safetensors weights from the model
 folder artifact. It imports only what the pinned serving requirements install (no graft), so
 `mlflow models serve` works in any environment that has them.
+
+What a model folder needs to be served the way evaluate scored it is in the folder itself:
+`graft_serving.json` (written by train beside the weights) names the tokenization (max_length,
+truncation and padding side), the head (the model's own sequence-classification head, or a
+linear probe over mean-pooled embeddings and its weights file) and the labels in order. Serving
+reads it and never guesses: a folder without it is refused.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -18,28 +25,132 @@ TEXT_COLUMN = "text"
 MODEL_ARTIFACT = "model"
 BATCH_SIZE = 32
 
+SERVING_FILE = "graft_serving.json"
+SERVING_FORMAT = 1
+# the model's own `*ForSequenceClassification` head (its pooling is the model's: BERT's pooler over [CLS])
+SEQUENCE_CLASSIFICATION = "sequence_classification"
+# a linear head (`weight`, `bias` in a safetensors file) over the mean-pooled last hidden state
+LINEAR_PROBE = "linear_probe"
+HEAD_POOLING = {SEQUENCE_CLASSIFICATION: "model", LINEAR_PROBE: "mean"}
+# what the tokenizer is called with, in train and evaluate (graft.modeling.tokenize) and here
+TRUNCATION_STRATEGY = "longest_first"
+
+
+class ServingDescriptionError(ValueError):
+    """A model folder whose serving description is missing or does not fit its files."""
+
 
 def probability_column(label: str) -> str:
     return f"probability_{label}"
 
 
+def describe(*, labels: list[str], max_length: int, tokenizer, head: str, head_file: str | None = None) -> dict:
+    """What serving needs to reproduce evaluate's scoring of a model folder (train writes it)."""
+    if head not in HEAD_POOLING:
+        raise ValueError(f"head {head!r}: expected one of {sorted(HEAD_POOLING)}")
+    description = {
+        "format": SERVING_FORMAT,
+        "labels": [str(label) for label in labels],
+        "max_length": int(max_length),
+        "truncation": {"strategy": TRUNCATION_STRATEGY, "side": tokenizer.truncation_side},
+        "padding_side": tokenizer.padding_side,
+        "head": {"kind": head, "pooling": HEAD_POOLING[head]},
+    }
+    if head == LINEAR_PROBE:
+        description["head"]["file"] = head_file
+    return description
+
+
+def write_description(model_dir: Path, description: dict) -> None:
+    (Path(model_dir) / SERVING_FILE).write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
+
+
+def read_description(model_dir: Path) -> dict:
+    """The folder's serving description, checked; ServingDescriptionError names what is wrong."""
+    path = Path(model_dir) / SERVING_FILE
+    if not path.is_file():
+        raise ServingDescriptionError(
+            f"{path}: missing: this model folder does not say how it was scored (max_length, truncation, "
+            f"pooling, head), and serving does not guess; train it again with graft, which writes it")
+    try:
+        description = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ServingDescriptionError(f"{path}: not readable as JSON ({err})") from None
+    problems = []
+    if not isinstance(description, dict) or description.get("format") != SERVING_FORMAT:
+        raise ServingDescriptionError(f"{path}: format {description.get('format') if isinstance(description, dict) else None!r}, "
+                                      f"expected {SERVING_FORMAT}")
+    labels, max_length = description.get("labels"), description.get("max_length")
+    truncation, head = description.get("truncation") or {}, description.get("head") or {}
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        problems.append("labels: expected a non-empty list of class names")
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+        problems.append(f"max_length: {max_length!r} is not a positive integer")
+    if truncation.get("strategy") != TRUNCATION_STRATEGY:
+        problems.append(f"truncation.strategy: {truncation.get('strategy')!r}, expected {TRUNCATION_STRATEGY!r}")
+    for key, value in (("truncation.side", truncation.get("side")), ("padding_side", description.get("padding_side"))):
+        if value not in ("left", "right"):
+            problems.append(f"{key}: {value!r}, expected 'left' or 'right'")
+    kind = head.get("kind")
+    if kind not in HEAD_POOLING:
+        problems.append(f"head.kind: {kind!r}, expected one of {sorted(HEAD_POOLING)}")
+    elif head.get("pooling") != HEAD_POOLING[kind]:
+        problems.append(f"head.pooling: {head.get('pooling')!r}, a {kind} head pools {HEAD_POOLING[kind]!r}")
+    elif kind == LINEAR_PROBE and not (isinstance(head.get("file"), str) and (Path(model_dir) / head["file"]).is_file()):
+        problems.append(f"head.file: {head.get('file')!r} is not a file in the model folder")
+    if problems:
+        raise ServingDescriptionError(f"{path}: " + "; ".join(problems))
+    return description
+
+
 class TextClassifier(mlflow.pyfunc.PythonModel):
-    """A fine-tuned sequence classifier: `label`, its `probability`, and one column per class."""
+    """A graft model folder as a text classifier: `label`, its `probability`, one column per class."""
 
     def load_context(self, context) -> None:
         self.load(Path(context.artifacts[MODEL_ARTIFACT]))
 
     def load(self, model_dir: Path) -> TextClassifier:
-        """Tokenizer and weights from a local folder (safetensors only; never a hub lookup)."""
+        """Tokenizer, weights and head from a local folder, scored as its serving description
+        says (safetensors only; never a hub lookup)."""
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
+        model_dir = Path(model_dir)
+        description = read_description(model_dir)
+        self.labels = description["labels"]
+        self.max_length = description["max_length"]
+        self.truncation = description["truncation"]["strategy"]
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, use_safetensors=True, local_files_only=True).eval()
-        self.labels = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
-        self.max_length = min(int(getattr(self.model.config, "max_position_embeddings", 512)), 512)
+        self.tokenizer.truncation_side = description["truncation"]["side"]
+        self.tokenizer.padding_side = description["padding_side"]
         self._torch = torch
+        if description["head"]["kind"] == SEQUENCE_CLASSIFICATION:
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                model_dir, use_safetensors=True, local_files_only=True).eval()
+            config_labels = [str(self.model.config.id2label[i]) for i in range(self.model.config.num_labels)]
+            if config_labels != self.labels:
+                raise ServingDescriptionError(f"{model_dir / SERVING_FILE}: labels {self.labels} but config.json "
+                                              f"has {config_labels}")
+            self.logits = lambda batch: self.model(**batch).logits
+        else:
+            from safetensors.torch import load_file
+
+            self.model = AutoModel.from_pretrained(model_dir, use_safetensors=True, local_files_only=True).eval()
+            head = load_file(str(model_dir / description["head"]["file"]))
+            weight, bias = head["weight"].float(), head["bias"].float()
+            expected = (len(self.labels), self.model.config.hidden_size)
+            if tuple(weight.shape) != expected or tuple(bias.shape) != expected[:1]:
+                raise ServingDescriptionError(
+                    f"{model_dir / description['head']['file']}: head weight {tuple(weight.shape)}, bias "
+                    f"{tuple(bias.shape)}; {len(self.labels)} labels over hidden size {expected[1]} need {expected}")
+
+            def logits(batch):
+                hidden = self.model(**batch).last_hidden_state.float()
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                return pooled @ weight.T + bias
+
+            self.logits = logits
         return self
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
@@ -47,9 +158,12 @@ class TextClassifier(mlflow.pyfunc.PythonModel):
         rows = []
         with torch.inference_mode():
             for start in range(0, len(texts), BATCH_SIZE):
-                batch = self.tokenizer(texts[start:start + BATCH_SIZE], truncation=True, padding=True,
-                                       max_length=self.max_length, return_tensors="pt")
-                rows.append(torch.softmax(self.model(**batch).logits.float(), dim=-1).numpy())
+                # what evaluate feeds the model: truncated token ids, padded per batch, and the mask
+                ids = self.tokenizer(texts[start:start + BATCH_SIZE], truncation=self.truncation,
+                                     max_length=self.max_length)["input_ids"]
+                padded = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+                batch = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
+                rows.append(torch.softmax(self.logits(batch).float(), dim=-1).numpy())
         return np.concatenate(rows) if rows else np.zeros((0, len(self.labels)), dtype=np.float32)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:

@@ -315,7 +315,7 @@ def assess(
     metrics["probes"] = {"counterfactual_max_flip_rate": counterfactual[proposed]["max_flip_rate"],
                          "robustness_max_flip_rate": robustness["candidates"][proposed]["max_flip_rate"]}
     return {"proposed": proposed, "metrics": metrics, "transfer": transfer, "bias": bias, "robustness": robustness, "gate": result_gate,
-            "predictions": pred, "y_test": y_test}
+            "predictions": pred, "y_test": y_test, "proposed_test_proba": proba[proposed]}
 
 
 def plots(result: Mapping, classes: list[str]) -> dict[str, bytes]:
@@ -340,6 +340,14 @@ def plots(result: Mapping, classes: list[str]) -> dict[str, bytes]:
     else:
         out["groups"] = note_png("no group columns (data.group_columns)")
     return out
+
+
+def predictions_of(candidate: str, proba: np.ndarray, test: pd.DataFrame, classes: list[str]) -> dict:
+    """A candidate's test predictions, row by row, as evaluate scored them: register compares
+    the served model with these (deterministic: no run facts)."""
+    proba = np.asarray(proba, dtype=np.float64)
+    return {"candidate": candidate, "classes": classes, "ids": test["id"].astype(str).tolist(),
+            "labels": [classes[i] for i in proba.argmax(1)], "probabilities": proba.tolist()}
 
 
 def evaluate(params: config.Params, *, layout: Layout | None = None) -> dict:
@@ -374,6 +382,8 @@ def evaluate(params: config.Params, *, layout: Layout | None = None) -> dict:
     confusion_rows = pd.DataFrame({"actual": [classes[i] for i in result["y_test"]],
                                    "predicted": [classes[i] for i in result["predictions"][result["proposed"]]]})
     atomic_write_text(layout.plots_dir / "confusion.csv", confusion_rows.to_csv(index=False))
+    write_json(layout.test_predictions, predictions_of(result["proposed"], result["proposed_test_proba"],
+                                                         splits["test"], classes))
     write_json(layout.metrics, result["metrics"])
     write_json(layout.transfer, result["transfer"])
     write_json(layout.bias, result["bias"])

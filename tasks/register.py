@@ -23,15 +23,21 @@ def logged_reports(layout: Layout) -> tuple[Path, ...]:
             layout.report_html, layout.datacard_md)
 
 
-def proposed_model_dir(layout: Layout) -> Path:
-    """The folder of the candidate train proposed on validation (models/finetuned/candidates.json)."""
+def proposed_candidate(layout: Layout) -> tuple[str, Path]:
+    """The candidate train proposed on validation and its folder (models/finetuned/candidates.json)."""
     require(layout.candidates, root=layout.root)
     manifest = read_json(layout.candidates)
-    return Path(layout.root) / manifest["candidates"][manifest["proposed"]]["path"]
+    return manifest["proposed"], Path(layout.root) / manifest["candidates"][manifest["proposed"]]["path"]
+
+
+def proposed_model_dir(layout: Layout) -> Path:
+    """The folder of the candidate train proposed on validation."""
+    return proposed_candidate(layout)[1]
 
 
 def register(params: config.Params, layout: Layout | None = None, uri: str | None = None) -> dict:
-    """Log params, metrics, data digest and reports; register and promote if the gate passed."""
+    """Log params, metrics, data digest and reports; when the gate passed, register a version,
+    check that the registry serves evaluate's test predictions, then move aliases."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -52,7 +58,10 @@ def register(params: config.Params, layout: Layout | None = None, uri: str | Non
     manifest = read_json(layout.manifest)
     tags = registry.lineage(datacard=card, manifest=manifest, dvc_lock=Path(layout.root) / "dvc.lock")
     failed = [c for c in gate["checks"] if not c["passed"]]
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     with mlflow.start_run() as run:
+        with registry.registry_lock(uri):
+            abandoned = registry.mark_half_registered(client, r.model_name, by_run=run.info.run_id)
         mlflow.log_params(registry.flat_params(params))
         for split in ("test", "val"):
             mlflow.log_metrics({f"{split}_{k}": v for k, v in metrics[split].items() if isinstance(v, float)})
@@ -78,25 +87,29 @@ def register(params: config.Params, layout: Layout | None = None, uri: str | Non
 
         result = {"run_id": run.info.run_id, "experiment": r.experiment, "tracking_uri": uri,
                   "model_name": r.model_name, "registered": False, "version": None, "aliases": [],
-                  "lineage": tags, "gate_passed": bool(gate["passed"])}
+                  "lineage": tags, "gate_passed": bool(gate["passed"]), "abandoned_versions": abandoned}
         if not gate["passed"]:
             result["failed_checks"] = failed
             result["reason"] = "gate failed: " + "; ".join(
                 f"{c['name']} = {c['value']} (threshold {c['threshold']})" for c in failed)
             return result
 
-        model_dir = proposed_model_dir(layout)
-        require(model_dir, root=layout.root)
+        candidate, model_dir = proposed_candidate(layout)
+        require(model_dir, layout.test_predictions, root=layout.root)
+        test = pd.read_parquet(layout.split_file("test"), columns=["id", "text", "label"])
+        texts, labels = test["text"].tolist(), test["label"].tolist()
+        expected = read_json(layout.test_predictions)
+        registry.check_predictions_fit(expected, path=layout.test_predictions, candidate=candidate,
+                                       ids=test["id"].astype(str).tolist(), classes=list(card["classes"]))
+        classifier = registry.servable(model_dir)  # a folder that does not say how to serve it stops here
         card_text = registry.model_card(name=r.model_name, manifest=manifest, datacard=card, metrics=metrics,
                                         transfer=transfer, gate=gate, bias=bias, lineage_tags=tags)
-        test = pd.read_parquet(layout.split_file("test"), columns=["text", "label"])
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         with registry.registry_lock(uri), tempfile.TemporaryDirectory() as tmp:
             card_path = Path(tmp) / "model_card.md"  # travels inside the model, not a stage output
             atomic_write_text(card_path, card_text)
             try:
                 info = registry.log_model(model_dir=model_dir, card_path=card_path, registered_name=r.model_name,
-                                          example_texts=test["text"].head(2).tolist())
+                                          example_texts=texts[:2], classifier=classifier)
             except Exception as err:  # MLflow raises many types; the user needs the message
                 raise GraftError(f"{model_dir}: MLflow could not log or register the model: {err}") from None
             version = str(info.registered_model_version)
@@ -105,20 +118,34 @@ def register(params: config.Params, layout: Layout | None = None, uri: str | Non
                 client.set_model_version_tag(r.model_name, version, key, value)
             client.set_model_version_tag(r.model_name, version, "dataset_fingerprint", card["fingerprint"])
             client.update_model_version(r.model_name, version, description=card_text)
-            client.set_registered_model_alias(r.model_name, r.alias, version)
-            aliases = [r.alias]
 
-            texts, labels = test["text"].tolist(), test["label"].tolist()
+            # parity before any alias moves: the version as the registry serves it, on the test split
+            version_uri = f"models:/{r.model_name}/{version}"
+            served = registry.predict(version_uri, texts)
+            check = registry.parity(expected, served)
+            registry.record_parity(client, r.model_name, version, check)
+            result["parity"] = check
+            if not check["passed"]:
+                why = (f"{version_uri} does not serve what evaluate scored ({layout.test_predictions}): "
+                       f"{registry.parity_sentence(check)}")
+                registry.mark_version(client, r.model_name, version, "refused", why)
+                raise registry.ParityError(f"parity check failed: {why}; version {version} is tagged "
+                                           f"{registry.STATUS_TAG}=refused and no alias moved")
+
+            new_accuracy = registry.accuracy(served, labels)  # the parity pass's predictions, not a second one
             champion = registry.champion_version(client, r.model_name)
-            new_accuracy = registry.accuracy_of(f"models:/{r.model_name}/{version}", texts, labels)
             old_accuracy = (registry.accuracy_of(f"models:/{r.model_name}/{champion}", texts, labels)
                             if champion is not None else None)
             promote, why = registry.decide_promotion(challenger=new_accuracy, champion=old_accuracy,
                                                      verdict=registry.verdict_of(transfer), rule=r.promotion)
+            client.set_model_version_tag(r.model_name, version, registry.PROMOTION_TAG, why)
+            # checked and tagged before an alias names it: a run killed from here on leaves a usable version
+            client.set_model_version_tag(r.model_name, version, registry.STATUS_TAG, "registered")
+            client.set_registered_model_alias(r.model_name, r.alias, version)
+            aliases = [r.alias]
             if promote:
                 client.set_registered_model_alias(r.model_name, registry.CHAMPION, version)
                 aliases.append(registry.CHAMPION)
-            client.set_model_version_tag(r.model_name, version, "promotion", why)
         mlflow.log_metric("registry_test_accuracy", new_accuracy)
         result.update(registered=True, version=version, aliases=aliases, model_uri=f"models:/{r.model_name}@{r.alias}",
                       promotion={"promoted": promote, "reason": why, "test_accuracy": new_accuracy,
@@ -131,10 +158,15 @@ def main() -> None:
     layout = Layout()
     result = register(config.load(), layout)
     write_json(layout.registration, result)
+    for found in result["abandoned_versions"]:
+        print(f"register: version {found['version']} was half-registered (its run {found['run_id']} stopped "  # noqa: T201
+              f"before it was checked): marked {registry.STATUS_TAG}=abandoned, run ended FAILED")
     if result["registered"]:
         promotion = result["promotion"]
         print(f"register: {result['model_name']} version {result['version']} -> @{', @'.join(result['aliases'])} "  # noqa: T201
               f"(run {result['run_id']}); {'promoted' if promotion['promoted'] else 'not promoted'}: {promotion['reason']}")
+        check = result["parity"]
+        print(f"register: parity: the registry serves evaluate's predictions: {registry.parity_sentence(check)}")  # noqa: T201
     else:
         print(f"register: not registered ({result['reason']}); run {result['run_id']} logged")  # noqa: T201
 

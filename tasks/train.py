@@ -26,12 +26,14 @@ from graft.errors import exits_cleanly
 from graft.files import atomic_path, read_json, sha256_file, write_json
 from graft.layout import Layout, require
 from graft.modeling import (
+    PROBE_HEAD_FILE,
     build_classifier,
     load_encoder,
     load_tokenizer,
     save_probe_classifier,
     seed_everything,
 )
+from graft.serving import LINEAR_PROBE, SEQUENCE_CLASSIFICATION, describe, write_description
 from graft.training import (
     FitSettings,
     dist_env,
@@ -111,21 +113,28 @@ def train_probe(params: config.Params, *, classes: list[str], data: dict, layout
     weight, bias, facts = train_linear_probe(train_x, data["train_labels"], val_x, data["val_labels"],
                                              C=params.train.probe.C, seed=params.seed)
     trust = params.model.trust_remote_code
-    save_probe_classifier(load_encoder(layout.pretrained_dir, trust_remote_code=trust),
-                          load_tokenizer(layout.pretrained_dir, trust_remote_code=trust),
-                          weight, bias, classes=classes, out_dir=out_dir)
+    tokenizer = load_tokenizer(layout.pretrained_dir, trust_remote_code=trust)
+    serving = describe(labels=classes, max_length=params.model.max_length, tokenizer=tokenizer, head=LINEAR_PROBE,
+                       head_file=PROBE_HEAD_FILE)
+    save_probe_classifier(load_encoder(layout.pretrained_dir, trust_remote_code=trust), tokenizer,
+                          weight, bias, classes=classes, out_dir=out_dir,
+                          also_write=lambda folder: write_description(folder, serving))
     state = {**facts, "strategy": "linear_probe", "init": "pretrained", "pooling": "mean",
              "trainable_parameters": int(weight.size + bias.size), "seed": params.seed}
     write_training_state(out_dir / TRAINING_STATE, state)
     return state
 
 
-def save_transformer(model: torch.nn.Module, tokenizer, out_dir: Path, state: dict) -> None:
-    """safetensors weights + config + tokenizer + how they were trained, written atomically."""
+def save_transformer(model: torch.nn.Module, tokenizer, out_dir: Path, state: dict, *, max_length: int) -> None:
+    """safetensors weights + config + tokenizer + how they were trained + how evaluate scores
+    them (the serving description), written atomically."""
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     with atomic_path(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_training_state(tmp / TRAINING_STATE, state)
+        write_description(tmp, describe(labels=labels, max_length=max_length, tokenizer=tokenizer,
+                                        head=SEQUENCE_CLASSIFICATION))
 
 
 def _candidate(kind: str, path: Path, layout: Layout, state: dict) -> dict:
@@ -160,7 +169,7 @@ def train(params: config.Params, *, layout: Layout | None = None) -> dict:
             model, state, val_proba[strategy] = train_transformer(params, strategy, classes=classes, data=data,
                                                                   layout=layout, device=device, data_digest=data_digest)
             if rank == 0:
-                save_transformer(model, tokenizer, out_dir, state)
+                save_transformer(model, tokenizer, out_dir, state, max_length=params.model.max_length)
                 # the model is safe on disk: its resume state has served (a kill before this
                 # line resumes a finished run, which only saves the model again)
                 shutil.rmtree(checkpoints_dir(layout) / strategy, ignore_errors=True)

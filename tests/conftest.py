@@ -67,8 +67,9 @@ def wait_for_descendant(proc: subprocess.Popen, args: tuple[str, ...], timeout: 
     raise AssertionError(f"no `{' '.join(args)}` process below PID {proc.pid} within {timeout}s")
 
 
-def build_tiny_bert(out_dir: Path, texts: list[str]) -> Path:
-    """A 2-layer BERT with hidden size 32 and a word-level vocabulary of the given texts."""
+def build_tiny_bert(out_dir: Path, texts: list[str], *, initializer_range: float = 0.02) -> Path:
+    """A 2-layer BERT with hidden size 32 and a word-level vocabulary of the given texts.
+    `initializer_range` (BERT's 0.02 by default) also sets the std of a new head's weights."""
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     words = sorted({w.strip(".,").lower() for t in texts for w in t.split()})
@@ -78,7 +79,8 @@ def build_tiny_bert(out_dir: Path, texts: list[str]) -> Path:
     # `vocab=`: transformers 5 ignores `vocab_file=` here and builds a 5-token vocabulary (every word [UNK])
     tokenizer = BertTokenizerFast(vocab=str(vocab), do_lower_case=True)
     cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64, architectures=["BertModel"])
+                     intermediate_size=64, max_position_embeddings=64, architectures=["BertModel"],
+                     initializer_range=initializer_range)
     import torch
 
     torch.manual_seed(0)
@@ -227,3 +229,43 @@ def run_features(root: Path, params=None) -> dict:
     layout = Layout(root)
     return features(params or load_params(root), pretrained_dir=layout.pretrained_dir,
                     prepared_dir=layout.prepared_dir, out_dir=layout.features_dir, report=layout.transferability)
+
+
+ALL_STRATEGIES = ["linear_probe", "partial", "full", "lora"]
+
+
+@pytest.fixture(scope="session")
+def all_strategies_evaluated(tmp_path_factory) -> Path:
+    """One tiny workspace trained once with every strategy (linear_probe, partial, full, lora)
+    and evaluated, shared by the session: tests copy it before they change anything.
+
+    Its outputs depend on what the model sees: at BERT's init (0.02) the tiny model's [CLS]
+    output is nearly the same for every text (probabilities vary by 3e-6), so a wrong head or
+    max_length would go unseen; at 0.5 they vary by 0.2. max_length 12 truncates most texts."""
+    from tasks.evaluate import evaluate
+    from tasks.train import train
+
+    base = tmp_path_factory.mktemp("all-strategies")
+    model_dir = build_tiny_bert(base / "tiny-bert", pd_texts(NEWS_CSV), initializer_range=0.5)
+    params = tiny_params(model_dir)
+    params["model"]["max_length"] = 12
+    params["train"]["strategies"] = list(ALL_STRATEGIES)
+    params["train"]["full"]["epochs"] = params["train"]["lora"]["epochs"] = 2
+    # the tiny model loses to TF-IDF; these tests are about what is served, not the verdict
+    params["register"]["promotion"]["verdicts"] = ["positive", "no_gain", "negative"]
+    root = make_workspace(base / "ws", params)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        loaded = load_params(root)
+        run_prepare(root)
+        run_fetch(root)
+        run_features(root)
+        train(loaded)
+        evaluate(loaded)
+    return root
+
+
+def pd_texts(csv: Path) -> list[str]:
+    import pandas as pd
+
+    return pd.read_csv(csv)["text"].tolist()

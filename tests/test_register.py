@@ -16,7 +16,8 @@ import yaml
 
 from graft.files import read_json, write_json
 from graft.layout import Layout
-from tasks.evaluate import evaluate
+from graft.serving import SERVING_FILE
+from tasks.evaluate import evaluate, predictions_of, transformer_predictor
 from tasks.register import register
 from tasks.train import train
 
@@ -95,14 +96,22 @@ def constant_classifier(src: Path, dst: Path, label: str) -> Path:
         model.classifier.bias[model.config.label2id[label]] = 5.0
     model.save_pretrained(dst, safe_serialization=True)
     AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    shutil.copy2(src / SERVING_FILE, dst / SERVING_FILE)
     return dst
 
 
 def propose(root: Path, model_dir: Path) -> None:
-    """What the train stage writes: the proposed candidate and its folder (candidates manifest)."""
+    """What the train stage writes: the proposed candidate and its folder (candidates manifest);
+    and what evaluate writes for it: its test predictions."""
+    import torch
+
     write_json(root / "models/finetuned/candidates.json",
                {"proposed": "candidate", "candidates": {"candidate": {"kind": "transformer", "path": str(model_dir),
                                                                       "role": "transfer"}}})
+    test = pd.read_parquet(root / "data/prepared/test.parquet")
+    proba = transformer_predictor(model_dir, load_params(root), torch.device("cpu"), "candidate")(test["text"].tolist())
+    classes = read_json(root / "data/prepared/datacard.json")["classes"]
+    write_json(Layout(root).test_predictions, predictions_of("candidate", proba, test, classes))
 
 
 def aliases(client) -> dict[str, str]:
