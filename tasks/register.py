@@ -5,6 +5,7 @@ test split (aliases, never the deprecated stages)."""
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -76,8 +77,10 @@ def register(params: config.Params, layout: Layout | None = None, uri: str | Non
         for split in SPLITS:
             path = layout.split_file(split)
             frame = pd.read_parquet(path, columns=["id", "label"])
-            dataset = mlflow.data.from_pandas(frame, source=str(path.resolve()), targets="label", name=split,
-                                              digest=card["splits"][split]["fingerprint"][:20])
+            with warnings.catch_warnings():  # MLflow registers its local-file source class twice and says so per split
+                warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+                dataset = mlflow.data.from_pandas(frame, source=str(path.resolve()), targets="label", name=split,
+                                                  digest=card["splits"][split]["fingerprint"][:20])
             mlflow.log_input(dataset, context=split)
         for report in logged_reports(layout):
             if report.exists():
