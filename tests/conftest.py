@@ -3,6 +3,7 @@ and a throw-away pipeline workspace (git + DVC) in tmp_path."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -89,6 +90,22 @@ def build_tiny_bert(out_dir: Path, texts: list[str], *, initializer_range: float
     return out_dir
 
 
+@contextlib.contextmanager
+def environment_restored(*keys: str):
+    """Put these environment variables back as they were (absent ones removed) afterwards."""
+    import os
+
+    saved = {key: os.environ.get(key) for key in keys}
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @pytest.fixture(scope="session", autouse=True)
 def prefect_home_of_the_tests(tmp_path_factory):
     """A `graft run` the tests start uses Prefect's ephemeral API, a SQLite file under
@@ -99,14 +116,9 @@ def prefect_home_of_the_tests(tmp_path_factory):
     # a fresh home migrates a new database first: on 2 busy cores that outlasts Prefect's 20 s
     ours = {"PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-home")),
             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
-    saved = {key: os.environ.get(key) for key in ours}
-    os.environ.update(ours)
-    yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with environment_restored(*ours):
+        os.environ.update(ours)
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -114,15 +126,8 @@ def mlflow_environment_restored():
     """`mlflow.set_tracking_uri` / `set_registry_uri` export MLFLOW_TRACKING_URI and
     MLFLOW_REGISTRY_URI, and setting them back to None does not remove the variables: every later
     subprocess (a DVC stage, `mlflow models serve`) would talk to a test's old store."""
-    import os
-
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with environment_restored("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -242,8 +247,6 @@ def all_strategies_evaluated(tmp_path_factory) -> Path:
     Its outputs depend on what the model sees: at BERT's init (0.02) the tiny model's [CLS]
     output is nearly the same for every text (probabilities vary by 3e-6), so a wrong head or
     max_length would go unseen; at 0.5 they vary by 0.2. max_length 12 truncates most texts."""
-    from tasks.evaluate import evaluate
-    from tasks.train import train
 
     base = tmp_path_factory.mktemp("all-strategies")
     model_dir = build_tiny_bert(base / "tiny-bert", pd_texts(NEWS_CSV), initializer_range=0.5)
@@ -254,14 +257,22 @@ def all_strategies_evaluated(tmp_path_factory) -> Path:
     # the tiny model loses to TF-IDF; these tests are about what is served, not the verdict
     params["register"]["promotion"]["verdicts"] = ["positive", "no_gain", "negative"]
     root = make_workspace(base / "ws", params)
+    return run_through_evaluate(root)
+
+
+def run_through_evaluate(root: Path) -> Path:
+    """prepare, fetch, features, train and evaluate by their functions, in `root`."""
+    from tasks.evaluate import evaluate
+    from tasks.train import train
+
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
-        loaded = load_params(root)
+        params = load_params(root)
         run_prepare(root)
         run_fetch(root)
         run_features(root)
-        train(loaded)
-        evaluate(loaded)
+        train(params)
+        evaluate(params)
     return root
 
 

@@ -17,11 +17,10 @@ import yaml
 from graft.files import read_json, write_json
 from graft.layout import Layout
 from graft.serving import SERVING_FILE
-from tasks.evaluate import evaluate, predictions_of, transformer_predictor
+from tasks.evaluate import predictions_of, transformer_predictor
 from tasks.register import register
-from tasks.train import train
 
-from .conftest import load_params, make_workspace, run_features, run_fetch, run_prepare, tiny_params
+from .conftest import load_params, make_workspace, run_through_evaluate, tiny_params
 
 NAME = "graft-classifier"
 LINEAGE_TAGS = {"git_commit", "git_dirty", "dvc_lock_sha256", "data_fingerprint", "backbone_source",
@@ -46,15 +45,7 @@ def evaluated_root(tmp_path_factory, tiny_model_dir: Path) -> Path:
     # the tiny model loses to TF-IDF; promotion tests are about the comparison, not the verdict
     params["register"]["promotion"]["verdicts"] = ["positive", "no_gain", "negative"]
     root = make_workspace(tmp_path_factory.mktemp("register") / "ws", params)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        params = load_params(root)
-        run_prepare(root)
-        run_fetch(root)
-        run_features(root)
-        train(params)
-        evaluate(params)
-    return root
+    return run_through_evaluate(root)
 
 
 @pytest.fixture
