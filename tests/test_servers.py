@@ -55,10 +55,15 @@ class Stack:
                 time.sleep(2)
         raise AssertionError(f"flow run {flow_run_id} did not finish within {timeout}s")
 
+    def mlflow_runs_of(self, flow_run_ids: list[UUID]) -> list:
+        """The MLflow runs that these flow runs logged (a flow run whose register stage was up to
+        date logs none)."""
+        wanted = {str(i) for i in flow_run_ids}  # MLflow's search has no IN for tags
+        runs = self.mlflow().search_runs([self.mlflow().get_experiment_by_name("graft").experiment_id])
+        return [run for run in runs if run.data.tags.get("prefect_flow_run_id") in wanted]
+
     def mlflow_run_of(self, flow_run_id: UUID):
-        runs = self.mlflow().search_runs(
-            [self.mlflow().get_experiment_by_name("graft").experiment_id],
-            filter_string=f"tags.prefect_flow_run_id = '{flow_run_id}'")
+        runs = self.mlflow_runs_of([flow_run_id])
         assert len(runs) == 1, f"{len(runs)} MLflow runs for flow run {flow_run_id}"
         return runs[0]
 
@@ -174,11 +179,14 @@ def test_a_scheduled_run_fires_by_itself_and_uses_the_committed_params(stack: St
     assert gate["passed"] is False
     assert (stack.root / "params.yaml").read_text() == stack.committed_params
 
-    # the first scheduled run to reach register logged the committed value to the MLflow server
-    first = min(finished_scheduled_runs(), key=lambda r: r.expected_start_time)
-    logged = stack.mlflow_run_of(first.id)
-    assert logged.data.params["gate.min_accuracy"] == str(COMMITTED_MIN_ACCURACY)
-    assert logged.data.tags["gate_passed"] == "False"
+    # Scheduled runs that fired while the UI run held the workspace waited on its lock; whichever
+    # took it first ran register, the others found every stage up to date and logged no MLflow run
+    # (which of them wins is up to the lock, not the schedule). Every scheduled run that did log
+    # one logged the committed value.
+    logged = stack.mlflow_runs_of([r.id for r in finished_scheduled_runs()])
+    assert logged, "no scheduled flow run logged an MLflow run"
+    assert {run.data.params["gate.min_accuracy"] for run in logged} == {str(COMMITTED_MIN_ACCURACY)}
+    assert {run.data.tags["gate_passed"] for run in logged} == {"False"}
 
 
 def test_the_served_champion_answers_with_labels_and_probabilities(stack: Stack, tmp_path: Path):
