@@ -248,6 +248,7 @@ def _map_ids(
     batch_size: int,
     device: torch.device,
     desc: str,
+    forward_kwargs: dict | None = None,
 ) -> np.ndarray:
     """Run `model` over token ids in length-sorted, dynamically padded batches; `rows(outputs,
     inputs)` gives one output row per sequence. The result is in the order of `ids`."""
@@ -258,7 +259,7 @@ def _map_ids(
         for batch in tqdm(batches, desc=desc, unit="batch", mininterval=1.0, leave=False):
             inputs = collate(tokenizer, [list(ids[i]) for i in batch], device)
             with autocast(device):
-                outputs = model(**inputs)
+                outputs = model(**inputs, **(forward_kwargs or {}))
             out[batch] = rows(outputs, inputs).float().cpu().numpy()
     return out
 
@@ -378,3 +379,28 @@ def predict_proba(
         rows=_softmax,
         max_length=max_length, batch_size=batch_size, device=device, desc=desc,
     )
+
+
+def _pooled_layers(out, inputs) -> torch.Tensor:
+    """Mean-pooled hidden states of the embeddings and of every block, side by side."""
+    mask = inputs["attention_mask"]
+    return torch.cat([mean_pool(hidden.float(), mask) for hidden in out.hidden_states], dim=-1)
+
+
+def embed_layers(
+    encoder: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    max_length: int,
+    batch_size: int,
+    device: torch.device,
+    desc: str = "embed layers",
+) -> np.ndarray:
+    """Mean-pooled hidden states of every layer, shape (layers + 1, texts, hidden): index 0 is the
+    embedding layer's output, index i the output of block i; the last equals `embed`'s rows."""
+    layers, hidden = encoder.config.num_hidden_layers + 1, encoder.config.hidden_size
+    flat = _map_ids(encoder, tokenizer, tokenize(tokenizer, texts, max_length), width=layers * hidden,
+                    rows=_pooled_layers, batch_size=batch_size, device=device, desc=desc,
+                    forward_kwargs={"output_hidden_states": True})
+    return np.ascontiguousarray(flat.reshape(len(texts), layers, hidden).transpose(1, 0, 2))

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from graft.files import read_json
 from graft.layout import Layout
-from graft.modeling import embed, length_sorted_batches, load_encoder, load_tokenizer
+from graft.modeling import embed, embed_layers, length_sorted_batches, load_encoder, load_tokenizer
 from tasks.features import logme
 
 from .conftest import run_features, run_fetch, run_prepare
@@ -50,3 +51,15 @@ def test_features_per_split_match_unbatched_embedding(workspace: Path, tiny_mode
     tok, enc = load_tokenizer(tiny_model_dir), load_encoder(tiny_model_dir)
     one_by_one = embed(enc, tok, texts, max_length=32, batch_size=1, device=torch.device("cpu"))
     np.testing.assert_allclose(train, one_by_one, atol=1e-5)
+
+
+def test_every_layers_embeddings_end_with_the_final_embedding(tiny_model_dir: Path):
+    encoder, tokenizer = load_encoder(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    texts = ["bread recipe kitchen", "cloud robot data internet computer", "goal"]
+    cpu = torch.device("cpu")
+    layers = embed_layers(encoder, tokenizer, texts, max_length=16, batch_size=2, device=cpu)
+    final = embed(encoder, tokenizer, texts, max_length=16, batch_size=2, device=cpu)
+    assert layers.shape == (encoder.config.num_hidden_layers + 1, 3, encoder.config.hidden_size)
+    np.testing.assert_allclose(layers[-1], final, atol=1e-6)
+    # index 0 is the embedding layer: no block has run on it yet
+    assert not np.allclose(layers[0], layers[1])
