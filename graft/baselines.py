@@ -50,6 +50,29 @@ def has_tfidf_words(texts: Sequence[str]) -> np.ndarray:
     return np.array([bool(tokenize(text)) for text in texts], dtype=bool)
 
 
+C_RULE = "each C of the grid fitted on train; the best validation accuracy wins, ties to the smaller C"
+
+
+def select_C(fit: Callable[[float], Any], val_accuracy: Callable[[Any], float], *, C: float | str,
+             grid: Sequence[float]) -> tuple[Any, float, dict]:
+    """A regularised model fitted on train with C fixed, or (C `auto`) with the C of `grid` whose
+    fit scores best on validation; a tie goes to the smaller C (stronger regularisation: the
+    simpler model when validation cannot tell). The chosen fit is kept as it is (train only, no
+    refit on train + val). Returns (model, its validation accuracy, facts: C and the search)."""
+    if C != "auto":
+        model = fit(float(C))
+        return model, val_accuracy(model), {"C": float(C), "C_search": None}
+    best, scores = None, []
+    for value in sorted(grid):
+        model = fit(float(value))
+        scores.append(val_accuracy(model))
+        if best is None or scores[-1] > best[1]:
+            best = (model, scores[-1], float(value))
+    model, accuracy, chosen = best
+    return model, accuracy, {"C": chosen, "C_search": {"grid": [float(v) for v in sorted(grid)],
+                                                      "val_accuracy": scores, "rule": C_RULE}}
+
+
 def fit_tfidf(texts: Sequence[str], labels: np.ndarray, *, ngram_max: int, C: float, seed: int) -> Pipeline:
     """TF-IDF (sublinear tf, word n-grams) + L2 logistic regression, fitted on the training split."""
     pipeline = Pipeline([
@@ -57,6 +80,22 @@ def fit_tfidf(texts: Sequence[str], labels: np.ndarray, *, ngram_max: int, C: fl
         ("logreg", LogisticRegression(C=C, max_iter=5000, random_state=seed)),
     ])
     return pipeline.fit(list(texts), np.asarray(labels))
+
+
+def select_tfidf(train_texts: Sequence[str], train_labels: np.ndarray, val_texts: Sequence[str], val_labels: np.ndarray,
+                 *, ngram_max: int, C: float | str, grid: Sequence[float], seed: int) -> tuple[Pipeline, dict]:
+    """`fit_tfidf` with C fixed or chosen on validation (`select_C`): the vectorizer depends on
+    train alone, so it is fitted once and each C refits only the regression; the pipeline is the
+    one `fit_tfidf` would build with the chosen C. Returns (pipeline, facts)."""
+    vectorizer = tfidf_vectorizer(ngram_max)
+    train_x = vectorizer.fit_transform(list(train_texts))
+    val_x, val_y = vectorizer.transform(list(val_texts)), np.asarray(val_labels)
+
+    def fit(c: float) -> LogisticRegression:
+        return LogisticRegression(C=c, max_iter=5000, random_state=seed).fit(train_x, np.asarray(train_labels))
+
+    logreg, accuracy, facts = select_C(fit, lambda m: float((m.predict(val_x) == val_y).mean()), C=C, grid=grid)
+    return Pipeline([("tfidf", vectorizer), ("logreg", logreg)]), {**facts, "best_val_accuracy": accuracy}
 
 
 def _canonical_skops(raw: bytes) -> bytes:

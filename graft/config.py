@@ -12,7 +12,7 @@ import io
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -80,9 +80,27 @@ class ScratchParams(_Section):
     epochs: int = Field(gt=0, description="Epochs of the random-init baseline.")
 
 
+PositiveFloat = Annotated[float, Field(gt=0)]
+C_DESCRIPTION = ("Inverse L2 strength of {what}: a number, or auto: each value of C_grid is fitted on train "
+                 "and the best validation accuracy wins (ties: the smaller C, the stronger regularisation).")
+
+
+def _increasing(grid: list[float]) -> list[float]:
+    if sorted(set(grid)) != list(grid):
+        raise ValueError("must list distinct values in increasing order")
+    return grid
+
+
 class TfidfParams(_Section):
     ngram_max: int = Field(ge=1, le=4, description="Longest word n-gram of the TF-IDF baseline.")
-    C: float = Field(gt=0, description="Inverse L2 strength of its logistic regression.")
+    C: Literal["auto"] | PositiveFloat = Field(description=C_DESCRIPTION.format(what="its logistic regression"))
+    C_grid: list[PositiveFloat] = Field(min_length=1, max_length=50,
+                                        description="The values of C tried on validation when C is auto (increasing).")
+
+    @field_validator("C_grid")
+    @classmethod
+    def _grid_increasing(cls, grid: list[float]) -> list[float]:
+        return _increasing(grid)
 
 
 class FullParams(_Section):
@@ -100,7 +118,15 @@ class LoraParams(_Section):
 
 
 class ProbeParams(_Section):
-    C: float = Field(gt=0, description="Inverse L2 strength of the linear probe on cached embeddings.")
+    C: Literal["auto"] | PositiveFloat = Field(
+        description=C_DESCRIPTION.format(what="the linear probe on cached embeddings"))
+    C_grid: list[PositiveFloat] = Field(min_length=1, max_length=50,
+                                        description="The values of C tried on validation when C is auto (increasing).")
+
+    @field_validator("C_grid")
+    @classmethod
+    def _grid_increasing(cls, grid: list[float]) -> list[float]:
+        return _increasing(grid)
 
 
 TRANSFER_STRATEGIES = ("linear_probe", "partial", "full", "lora")
@@ -132,6 +158,9 @@ class TrainParams(_Section):
     probe: ProbeParams = Field(description="The `linear_probe` strategy on cached embeddings.")
     scratch: ScratchParams = Field(description="The from-scratch baseline (same architecture, random init).")
     tfidf: TfidfParams = Field(description="The TF-IDF + logistic regression baseline.")
+    seeds: int = Field(ge=1, le=20, description=(
+        "Seeds the proposed strategy is trained with: the base seed (the registered model) and seed+1.."
+        "seed+N-1, each scored on test; the verdict must hold across them (1: the base seed only)."))
 
     @field_validator("strategies")
     @classmethod
@@ -156,7 +185,9 @@ class EvaluateParams(_Section):
     identity_terms: str = Field(min_length=1,
                                 description="axis,group,term CSV of identity terms swapped by counterfactual probes.")
     template_probes: str | None = Field(description="text,template,<axis>... CSV scored by every candidate; null skips.")
-    probe_C: float = Field(gt=0, description="Inverse L2 strength of the frozen-backbone linear probe.")
+    probe_C: Literal["auto"] | PositiveFloat = Field(description=(
+        "Inverse L2 strength of the frozen-backbone probe: a number, or auto: chosen on validation over "
+        "train.probe.C_grid by the linear_probe strategy's rule (so the two are the same model)."))
 
     @field_validator("major_flip_rate")
     @classmethod

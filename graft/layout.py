@@ -106,6 +106,15 @@ class Layout:
         return self.finetuned_dir / "val_predictions.npz"
 
     @property
+    def seed_models_dir(self) -> Path:
+        """The proposed strategy trained again with other seeds (train.seeds > 1): scored on test
+        by evaluate for the seed spread, never registered (the base seed's folder is)."""
+        return self.finetuned_dir / "seeds"
+
+    def seed_model_dir(self, seed: int) -> Path:
+        return self.seed_models_dir / f"seed-{seed}"
+
+    @property
     def checkpoints_dir(self) -> Path:
         """Resume state of the train stage: git-ignored, in .dvcignore, never a DVC output."""
         return self._p("models/checkpoints")

@@ -246,6 +246,22 @@ def _summary(transfer: Mapping, gate: Mapping, bias: Mapping, robustness: Mappin
             f"<h3>Top findings</h3><ul>{items}</ul>")
 
 
+def _seeds(transfer: Mapping) -> str:
+    """The proposed strategy's test accuracy per seed and the spread, when it was trained with several."""
+    seeds = transfer.get("seeds") or {}
+    if seeds.get("n", 1) < 2:
+        return ""
+    rows = [[s, r["accuracy"], r["margin_points"], r["p_value"], r["verdict"]] for s, r in seeds["per_seed"].items()]
+    low, high = (100 * x for x in seeds["margin_ci"])
+    return (f"<h3>{html_text(transfer['proposed'])} over {seeds['n']} seeds</h3>"
+            + _table(["seed", "test accuracy", f"margin over {transfer['best_baseline']} (points)", "McNemar p",
+                      "paired-test verdict"], rows)
+            + f"<p>Test accuracy mean {_num(seeds['accuracy_mean'])}, sd {_num(seeds['accuracy_sd'])}, min "
+              f"{_num(seeds['accuracy_min'])}, max {_num(seeds['accuracy_max'])}; margin interval over seeds and test "
+              f"rows [{low:+.2f}, {high:+.2f}] points. Verdict {html_text(transfer['verdict'])} (base seed alone: "
+              f"{html_text(transfer.get('base_seed_verdict'))}); rule: {html_text(seeds['rule'])}.</p>")
+
+
 def _direction_cells(direction: Mapping | None) -> list:
     direction = direction or {}
     return [direction.get("lower"), direction.get("higher")]
@@ -261,7 +277,7 @@ def render_html(*, transfer: Mapping, gate: Mapping, bias: Mapping, robustness: 
         ["candidate", "role", "test accuracy", f"accuracy {level} interval", "test macro-F1", f"macro-F1 {level} interval"],
         [[n, c["role"], c["test"]["accuracy"], _interval(c["test"]["accuracy_ci"]),
           c["test"]["macro_f1"], _interval(c["test"]["macro_f1_ci"])]
-         for n, c in transfer["candidates"].items()]) + _img(plots.get("candidates"), "candidates")
+         for n, c in transfer["candidates"].items()]) + _img(plots.get("candidates"), "candidates") + _seeds(transfer)
     parts["confusion"] = _img(plots.get("confusion"), "confusion matrix")
     if bias.get("groups"):
         rows = []

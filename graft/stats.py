@@ -116,11 +116,65 @@ def transfer_verdict(
     }
 
 
+SEED_RULE = ("one seed: the paired test's verdict. Several: positive only if the base seed's paired test is "
+             "significant and better AND the bootstrap over seeds and test rows (one seed drawn per resample) keeps "
+             "the margin's interval above 0; negative likewise below 0; otherwise no_gain")
+
+
+def verdict_over_seeds(
+    y_true: np.ndarray, proposed_by_seed: Mapping[int, np.ndarray], baselines: Mapping[str, np.ndarray],
+    resamples: np.ndarray, *, base_seed: int, confidence: float, alpha: float, seed: int = 0,
+) -> dict:
+    """`transfer_verdict` of the base seed's predictions, then the verdict that accounts for the
+    other seeds (SEED_RULE). Each resample pairs the test rows it draws with one seed drawn at
+    random, so the interval holds both the test-set noise and the seed-to-seed spread: it asks
+    whether another seed would also win, not only whether the mean seed does. With one seed the
+    verdict is the paired test's, unchanged. Returns transfer_verdict's keys (`verdict` final,
+    `base_seed_verdict` the paired test's) plus `seeds`: per seed accuracy, margin, p-value and
+    the spread (mean, sd, min, max)."""
+    if base_seed not in proposed_by_seed:
+        raise ValueError(f"no predictions of the base seed {base_seed}")
+    y_true = np.asarray(y_true)
+    base = transfer_verdict(y_true, proposed_by_seed[base_seed], baselines, resamples, confidence=confidence, alpha=alpha)
+    order = [base_seed, *sorted(s for s in proposed_by_seed if s != base_seed)]
+    right_b = np.asarray(baselines[base["best_baseline"]]) == y_true
+    per_seed, diffs = {}, []
+    for s in order:
+        right = np.asarray(proposed_by_seed[s]) == y_true
+        diffs.append(right.astype(float) - right_b.astype(float))
+        test = mcnemar_exact(right, right_b)
+        margin = float(diffs[-1].mean())
+        significant = test["p_value"] < alpha and margin != 0
+        per_seed[str(s)] = {"accuracy": float(right.mean()), "margin_points": 100 * margin,
+                            "p_value": test["p_value"], "significant": bool(significant),
+                            "verdict": "no_gain" if not significant else "positive" if margin > 0 else "negative"}
+    accuracy = np.array([per_seed[str(s)]["accuracy"] for s in order])
+    drawn = np.random.default_rng(seed).integers(0, len(order), size=resamples.shape[0])
+    low, high = interval(np.stack(diffs)[drawn[:, None], resamples].mean(1), confidence)
+    final = base["verdict"]
+    if len(order) > 1:
+        final = ("positive" if final == "positive" and low > 0 else
+                 "negative" if final == "negative" and high < 0 else "no_gain")
+    seeds = {"seeds": order, "n": len(order), "base_seed": base_seed, "per_seed": per_seed,
+             "accuracy_mean": float(accuracy.mean()), "accuracy_sd": float(accuracy.std(ddof=1)) if len(order) > 1 else None,
+             "accuracy_min": float(accuracy.min()), "accuracy_max": float(accuracy.max()),
+             "margin_ci": [low, high], "rule": SEED_RULE}
+    return {**base, "base_seed_verdict": base["verdict"], "verdict": final, "negative_transfer": final == "negative",
+            "seeds": seeds}
+
+
 def verdict_sentence(verdict: Mapping, proposed: str = "finetune") -> str:
     """The verdict in words, for the closing line and the report."""
     low, high = (100 * x for x in verdict["margin_ci"])
     detail = (f"{verdict['margin_points']:+.2f} points accuracy over {verdict['best_baseline']} "
               f"[{low:+.2f}, {high:+.2f}], McNemar p={verdict['test']['p_value']:.3g}")
+    seeds = verdict.get("seeds") or {}
+    if seeds.get("n", 1) > 1:
+        s_low, s_high = (100 * x for x in seeds["margin_ci"])
+        detail += (f"; over {seeds['n']} seeds test accuracy {seeds['accuracy_mean']:.4f} "
+                   f"[{seeds['accuracy_min']:.4f}, {seeds['accuracy_max']:.4f}], margin [{s_low:+.2f}, {s_high:+.2f}]")
+        if verdict.get("base_seed_verdict") != verdict["verdict"]:
+            detail += f", the base seed alone: {verdict['base_seed_verdict']}"
     words = {
         "positive": f"Transfer paid off: {proposed} beats the best baseline ({detail}).",
         "no_gain": f"No gain from transfer: {proposed} is not significantly different from the best baseline ({detail}).",

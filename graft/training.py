@@ -503,20 +503,26 @@ def fit(
 
 
 def train_linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, *,
-                       C: float, seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Multinomial logistic regression on the cached mean-pooled embeddings (no backbone pass).
+                       C: float | str, C_grid: Sequence[float], seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Multinomial logistic regression on the cached mean-pooled embeddings (no backbone pass),
+    with C fixed or (`auto`) chosen on validation over `C_grid` (graft.baselines.select_C).
     Returns (weight [classes, hidden], bias [classes], facts); a binary problem's single row w
     becomes rows [0, w], so softmax over the two logits is sklearn's sigmoid(w.x + b)."""
     from sklearn.linear_model import LogisticRegression
 
+    from graft.baselines import select_C
+
     started = time.perf_counter()
-    probe = LogisticRegression(C=C, max_iter=5000, random_state=seed).fit(train_x, train_y)
+
+    def fit(c: float) -> LogisticRegression:
+        return LogisticRegression(C=c, max_iter=5000, random_state=seed).fit(train_x, train_y)
+
+    probe, val_accuracy, search = select_C(fit, lambda m: float((m.predict(val_x) == val_y).mean()), C=C, grid=C_grid)
     weight, bias = probe.coef_, probe.intercept_
     if weight.shape[0] == 1:
         weight, bias = np.vstack([np.zeros_like(weight), weight]), np.concatenate([[0.0], bias])
-    val_accuracy = float((probe.predict(val_x) == val_y).mean())
     facts = {"best_val_accuracy": val_accuracy, "history": [{"epoch": 1, "val_accuracy": val_accuracy}],
-             "best_epoch": 1, "C": C, "seconds": round(time.perf_counter() - started, 3)}
+             "best_epoch": 1, **search, "seconds": round(time.perf_counter() - started, 3)}
     return weight.astype(np.float32), bias.astype(np.float32), facts
 
 

@@ -17,7 +17,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import confusion_matrix, f1_score
 
 from graft import config
-from graft.baselines import load_tfidf
+from graft.baselines import load_tfidf, select_C
 from graft.bias import (
     Predictor,
     cooccurrence,
@@ -53,7 +53,7 @@ from graft.robustness import perturb, robustness_probe
 from graft.stats import (
     bootstrap_indices,
     point_scores,
-    transfer_verdict,
+    verdict_over_seeds,
     verdict_sentence,
     with_intervals,
 )
@@ -135,11 +135,18 @@ def probe_predictor(model_dir: Path, params: config.Params, device, name: str, b
 
 
 def backbone_probe(scorer: MemoScorer, params: config.Params, *, train_texts: Sequence[str], labels: np.ndarray,
-                   n_classes: int) -> Predictor:
+                   val_texts: Sequence[str], val_labels: np.ndarray, n_classes: int) -> tuple[Predictor, dict]:
     """Logistic regression on the frozen backbone's mean-pooled embeddings: what pretraining alone
-    brings, before fine-tuning moves any weight. Trained on the cached train embeddings."""
-    clf = LogisticRegression(C=params.evaluate.probe_C, max_iter=2000, random_state=params.seed)
-    clf.fit(scorer(train_texts), labels)
+    brings, before fine-tuning moves any weight. Trained on the cached train embeddings, its C
+    fixed or (auto) chosen on validation over train.probe.C_grid as the linear_probe strategy's
+    is: a probe held back by an untuned C would understate what the backbone brings."""
+    train_x, val_x, val_y = scorer(train_texts), scorer(val_texts), np.asarray(val_labels)
+
+    def fit(c: float) -> LogisticRegression:
+        return LogisticRegression(C=c, max_iter=5000, random_state=params.seed).fit(train_x, labels)
+
+    clf, val_accuracy, facts = select_C(fit, lambda m: float((m.predict(val_x) == val_y).mean()),
+                                        C=params.evaluate.probe_C, grid=params.train.probe.C_grid)
 
     def predict(batch: Sequence[str]) -> np.ndarray:
         out = np.zeros((len(batch), n_classes), dtype=np.float32)
@@ -147,7 +154,7 @@ def backbone_probe(scorer: MemoScorer, params: config.Params, *, train_texts: Se
             out[:, clf.classes_] = clf.predict_proba(scorer(batch))  # classes missing from train get 0
         return out
 
-    return predict
+    return predict, {**facts, "val_accuracy": val_accuracy}
 
 
 def reuse_val_predictions(layout: Layout, val: pd.DataFrame, scorers: Mapping[str, MemoScorer]) -> None:
@@ -168,7 +175,8 @@ def load_candidates(layout: Layout, params: config.Params, *, splits: Mapping[st
                     n_classes: int) -> tuple[dict[str, Predictor], dict, dict[str, MemoScorer]]:
     """Every candidate the train stage wrote (its manifest names them and the one proposed on
     validation), plus the frozen-backbone probe, as predictors; and the model scorers behind
-    them (their `forwarded` counts say how much model work evaluation did)."""
+    them (their `forwarded` counts say how much model work evaluation did). The proposed
+    strategy's other seeds (train.seeds > 1) are returned in `manifest["seed_predictors"]`."""
     require(layout.candidates, layout.baselines_dir, layout.pretrained_dir, *(layout.features_file(s) for s in splits),
             root=layout.root)
     manifest = read_json(layout.candidates)
@@ -185,9 +193,16 @@ def load_candidates(layout: Layout, params: config.Params, *, splits: Mapping[st
         else:
             predictors[name] = scorers[name] = transformer_predictor(path, params, device, name)
     reuse_val_predictions(layout, splits["val"], scorers)
-    train = splits["train"]
-    predictors[BACKBONE_PROBE] = backbone_probe(backbone, params, train_texts=train["text"].tolist(),
-                                                labels=train["label_id"].to_numpy(), n_classes=n_classes)
+    seed_predictors = {}
+    for seed, run in (manifest.get("seeds") or {}).get("models", {}).items():
+        name = f"{manifest['proposed']}-seed-{seed}"
+        seed_predictors[int(seed)] = scorers[name] = transformer_predictor(Path(layout.root) / run["path"], params,
+                                                                           device, name)
+    manifest["seed_predictors"] = seed_predictors
+    train, val = splits["train"], splits["val"]
+    predictors[BACKBONE_PROBE], manifest["backbone_probe"] = backbone_probe(
+        backbone, params, train_texts=train["text"].tolist(), labels=train["label_id"].to_numpy(),
+        val_texts=val["text"].tolist(), val_labels=val["label_id"].to_numpy(), n_classes=n_classes)
     return predictors, manifest, scorers
 
 
@@ -224,12 +239,14 @@ def assess(
     train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, classes: list[str], group_columns: Sequence[str],
     domain_column: str | None = None, proposed: str = PROPOSED, transferred: Sequence[str] = (PROPOSED,),
     visible: Callable[[Sequence[str], Sequence[str]], np.ndarray] | None = None,
+    seed_predictors: Mapping[int, Predictor] | None = None, backbone_probe_facts: Mapping | None = None,
 ) -> dict:
     """Everything evaluate reports, from predictors and data frames (no model files): tests call it
     with planted models. `proposed` is the candidate train chose on validation; `transferred` names
     every candidate that starts from the pretrained backbone. `visible(originals, edited)` says
     which edits change what the transformer models see (counterfactual swaps past the
-    truncation point are left out)."""
+    truncation point are left out). `seed_predictors` are the proposed strategy trained with
+    other seeds (params.seed is the proposed model's): scored on test for the verdict's seed rule."""
     e, n_classes = params.evaluate, len(classes)
     predictors = {name: cached(p) for name, p in predictors.items()}
     test_texts, val_texts = test["text"].tolist(), val["text"].tolist()
@@ -243,11 +260,15 @@ def assess(
                "test": with_intervals(y_test, pred[name], resamples, e.confidence, n_classes)}
         for name in predictors
     }
+    if BACKBONE_PROBE in candidates and backbone_probe_facts:
+        candidates[BACKBONE_PROBE].update(backbone_probe_facts)  # its C, and the validation search behind it
     for name, c in candidates.items():
         if name != BACKBONE_PROBE:
             c["val"] = point_scores(y_val, predictors[name](val_texts).argmax(1), n_classes)
-    verdict = transfer_verdict(y_test, pred[proposed], {b: pred[b] for b in BASELINES if b in pred}, resamples,
-                               confidence=e.confidence, alpha=e.alpha)
+    by_seed = {params.seed: pred[proposed],
+               **{s: p(test_texts).argmax(1) for s, p in (seed_predictors or {}).items() if s != params.seed}}
+    verdict = verdict_over_seeds(y_test, by_seed, {b: pred[b] for b in BASELINES if b in pred}, resamples,
+                                 base_seed=params.seed, confidence=e.confidence, alpha=e.alpha, seed=params.seed)
     transfer = {"proposed": proposed, "candidates": candidates, "confidence": e.confidence, **verdict}
     metrics = {"model": proposed}
     for split, y, texts in (("test", y_test, test_texts), ("val", y_val, val_texts)):
@@ -374,7 +395,8 @@ def evaluate(params: config.Params, *, layout: Layout | None = None) -> dict:
     transferred = [n for n, c in manifest["candidates"].items() if c["role"] == "transfer"]
     result = assess(predictors, params=params, layout=layout, **splits, classes=classes,
                     group_columns=group_columns, domain_column=domain_column, proposed=manifest["proposed"],
-                    transferred=transferred, visible=scorers[BACKBONE_PROBE].changed)
+                    transferred=transferred, visible=scorers[BACKBONE_PROBE].changed,
+                    seed_predictors=manifest["seed_predictors"], backbone_probe_facts=manifest["backbone_probe"])
     images = plots(result, classes)
     for name, png in images.items():
         with atomic_path(layout.plots_dir / f"{name}.png") as tmp:

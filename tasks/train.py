@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from graft import config
-from graft.baselines import fit_tfidf, save_tfidf
+from graft.baselines import save_tfidf, select_tfidf
 from graft.errors import exits_cleanly
 from graft.files import atomic_path, read_json, sha256_file, write_json
 from graft.layout import Layout, require
@@ -63,8 +63,10 @@ def _settings(params: config.Params, *, lr: float, epochs: int) -> FitSettings:
 
 
 def train_transformer(params: config.Params, strategy: str, *, classes: list[str], data: dict, layout: Layout,
-                      device: torch.device, data_digest: str) -> tuple[torch.nn.Module, dict]:
-    """Build, adapt, fit and describe one transformer candidate (`scratch` included)."""
+                      device: torch.device, data_digest: str, run_name: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """Build, adapt, fit and describe one transformer candidate (`scratch` included); `run_name`
+    (default: the strategy) names its resume folder and progress bar."""
+    run_name = run_name or strategy
     t = params.train
     trust = params.model.trust_remote_code
     lr, epochs, freeze = {
@@ -87,7 +89,7 @@ def train_transformer(params: config.Params, strategy: str, *, classes: list[str
     fingerprint = fingerprint_of(strategy, t.model_dump(), params.model.max_length, params.model.trust_remote_code,
                                  sha256_file(layout.manifest), params.seed, world, data_digest)
     result = fit(model, tokenizer, **data, settings=settings, param_groups=groups, device=device, freeze_layers=frozen,
-                 checkpoint_dir=checkpoints_dir(layout) / strategy, fingerprint=fingerprint, desc=strategy)
+                 checkpoint_dir=checkpoints_dir(layout) / run_name, fingerprint=fingerprint, desc=run_name)
     val_proba = result.pop("val_proba")
     trainable = sum(p.numel() for g in groups for p in g["params"])
     if strategy == "lora":
@@ -111,7 +113,8 @@ def train_probe(params: config.Params, *, classes: list[str], data: dict, layout
     require(layout.features_file("train"), layout.features_file("val"), root=layout.root)
     train_x, val_x = np.load(layout.features_file("train")), np.load(layout.features_file("val"))
     weight, bias, facts = train_linear_probe(train_x, data["train_labels"], val_x, data["val_labels"],
-                                             C=params.train.probe.C, seed=params.seed)
+                                             C=params.train.probe.C, C_grid=params.train.probe.C_grid,
+                                             seed=params.seed)
     trust = params.model.trust_remote_code
     tokenizer = load_tokenizer(layout.pretrained_dir, trust_remote_code=trust)
     serving = describe(labels=classes, max_length=params.model.max_length, tokenizer=tokenizer, head=LINEAR_PROBE,
@@ -139,9 +142,37 @@ def save_transformer(model: torch.nn.Module, tokenizer, out_dir: Path, state: di
 
 def _candidate(kind: str, path: Path, layout: Layout, state: dict) -> dict:
     run_facts = {k: state[k] for k in ("seconds", "throughput", "cache_seconds", "frozen_cached") if k in state}
+    regularisation = {k: state[k] for k in ("C", "C_search") if k in state}
     return {"kind": kind, "path": Path(path).relative_to(layout.root).as_posix(), "strategy": state.get("strategy"),
             "best_val_accuracy": state.get("best_val_accuracy"), "best_epoch": state.get("best_epoch"),
-            "trainable_parameters": state.get("trainable_parameters"), **run_facts}
+            "trainable_parameters": state.get("trainable_parameters"), **regularisation, **run_facts}
+
+
+def train_seeds(params: config.Params, strategy: str, *, classes: list[str], data: dict, layout: Layout,
+                device: torch.device, data_digest: str, tokenizer) -> dict:
+    """The proposed strategy again with seeds seed+1..seed+train.seeds-1, same recipe, each in
+    models/finetuned/seeds/seed-<s>/ (the registered model stays the base seed's). The linear
+    probe is not retrained: lbfgs on its convex objective reaches the same fit whatever the seed
+    (sklearn uses random_state only for the sag/saga/liblinear solvers), so N copies would be
+    one model N times. Returns what the manifest records about the seeds."""
+    rank, _ = dist_env()
+    if rank == 0:
+        shutil.rmtree(layout.seed_models_dir, ignore_errors=True)  # outputs persist: no stale seed of an older run
+    extra = [params.seed + k for k in range(1, params.train.seeds)]
+    out = {"strategy": strategy, "base_seed": params.seed, "requested": params.train.seeds, "models": {}}
+    if strategy == "linear_probe":
+        return {**out, "note": "linear_probe is deterministic in the seed (convex, lbfgs): trained once"}
+    for seed in extra:
+        seeded = params.model_copy(update={"seed": seed})
+        name = f"{strategy}-seed-{seed}"
+        model, state, _ = train_transformer(seeded, strategy, classes=classes, data=data, layout=layout, device=device,
+                                            data_digest=data_digest, run_name=name)
+        if rank == 0:
+            folder = layout.seed_model_dir(seed)
+            save_transformer(model, tokenizer, folder, state, max_length=params.model.max_length)
+            shutil.rmtree(checkpoints_dir(layout) / name, ignore_errors=True)
+            out["models"][str(seed)] = _candidate("transformer", folder, layout, state)
+    return out
 
 
 def train(params: config.Params, *, layout: Layout | None = None) -> dict:
@@ -176,22 +207,29 @@ def train(params: config.Params, *, layout: Layout | None = None) -> dict:
         candidates[strategy] = {**_candidate("transformer", out_dir, layout, state), "role": kind} if rank == 0 else {}
     if rank == 0:
         t = params.train.tfidf
-        pipeline = fit_tfidf(data["train_texts"], data["train_labels"], ngram_max=t.ngram_max, C=t.C, seed=params.seed)
-        val_accuracy = float((pipeline.predict(data["val_texts"]) == data["val_labels"]).mean())
-        state = {"strategy": "tfidf", "classes": classes, "ngram_max": t.ngram_max, "C": t.C,
-                 "vocabulary_size": len(pipeline.named_steps["tfidf"].vocabulary_), "best_val_accuracy": val_accuracy}
+        pipeline, facts = select_tfidf(data["train_texts"], data["train_labels"], data["val_texts"], data["val_labels"],
+                                       ngram_max=t.ngram_max, C=t.C, grid=t.C_grid, seed=params.seed)
+        state = {"strategy": "tfidf", "classes": classes, "ngram_max": t.ngram_max, **facts,
+                 "vocabulary_size": len(pipeline.named_steps["tfidf"].vocabulary_)}
         save_tfidf(pipeline, layout.baselines_dir / "tfidf", state)
         candidates["tfidf"] = {**_candidate("tfidf", layout.baselines_dir / "tfidf", layout, state), "role": "baseline"}
+    # The proposal is made on validation only; ties go to the strategy listed first.
+    transfer = [s for s in params.train.strategies]
+    proposed = (max(transfer, key=lambda s: (candidates[s]["best_val_accuracy"], -transfer.index(s)))
+                if rank == 0 else None)
+    if world > 1:
+        box = [proposed]
+        dist.broadcast_object_list(box, src=0)  # every rank trains the proposed strategy's other seeds
+        proposed = box[0]
+    seeds = train_seeds(params, proposed, classes=classes, data=data, layout=layout, device=device,
+                        data_digest=data_digest, tokenizer=tokenizer)
     if world > 1:
         dist.barrier()
     if rank != 0:
         return {}
-    # The proposal is made on validation only; ties go to the strategy listed first.
-    transfer = [s for s in params.train.strategies]
-    proposed = max(transfer, key=lambda s: (candidates[s]["best_val_accuracy"], -transfer.index(s)))
     report = {"device": device.type, "world_size": world, "torch": torch.__version__, "classes": classes,
-              "candidates": candidates, "proposed": proposed}
-    write_candidates(layout, params.train.strategies, candidates, proposed, classes)
+              "candidates": candidates, "proposed": proposed, "seeds": seeds}
+    write_candidates(layout, params.train.strategies, candidates, proposed, classes, seeds=seeds)
     write_val_predictions(layout, val_df["id"].astype(str).to_numpy(), val_proba)
     write_json(layout.train_report, report)
     return report
@@ -200,14 +238,18 @@ def train(params: config.Params, *, layout: Layout | None = None) -> dict:
 MANIFEST_KEYS = ("kind", "path", "strategy", "role", "best_val_accuracy", "best_epoch")
 
 
-def write_candidates(layout: Layout, strategies: list[str], candidates: dict, proposed: str, classes: list[str]) -> None:
+def write_candidates(layout: Layout, strategies: list[str], candidates: dict, proposed: str, classes: list[str], *,
+                     seeds: dict | None = None) -> None:
     """The deterministic part of the report, inside models/finetuned (what evaluate and register
     read), and no folder of a strategy that is no longer trained (outputs persist between runs)."""
     for folder in layout.finetuned_dir.iterdir():
-        if folder.is_dir() and folder.name not in strategies:
+        if folder.is_dir() and folder.name not in [*strategies, layout.seed_models_dir.name]:
             shutil.rmtree(folder)
     manifest = {"classes": classes, "proposed": proposed,
                 "candidates": {name: {k: c.get(k) for k in MANIFEST_KEYS} for name, c in candidates.items()}}
+    if seeds is not None:
+        manifest["seeds"] = {**seeds, "models": {s: {k: c.get(k) for k in ("path", "best_val_accuracy", "best_epoch")}
+                                                 for s, c in seeds["models"].items()}}
     write_json(layout.candidates, manifest)
 
 
@@ -236,6 +278,9 @@ def main() -> None:
         seconds = cand.get("seconds")
         print(f"train: {name}: " + (f"{seconds}s, " if seconds is not None else "")  # noqa: T201
               + (f"best val accuracy {val:.4f}" if val is not None else ""))
+    for seed, run in report.get("seeds", {}).get("models", {}).items():
+        print(f"train: {report['proposed']} seed {seed}: {run.get('seconds')}s, "  # noqa: T201
+              f"best val accuracy {run['best_val_accuracy']:.4f}")
     if report:
         print(f"train: proposed {report['proposed']} (best on validation)")  # noqa: T201
     if dist.is_initialized():
