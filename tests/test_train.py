@@ -176,7 +176,10 @@ def test_tfidf_round_trip_matches_sklearn(prepared: Path):
     frame = pd.read_parquet(layout.split_file("train"))
     test = pd.read_parquet(layout.split_file("test"))["text"].tolist()
     vec = TfidfVectorizer(ngram_range=(1, params.train.tfidf.ngram_max), sublinear_tf=True)
-    clf = LogisticRegression(C=params.train.tfidf.C, max_iter=5000, random_state=params.seed)
+    # train.tfidf.C is auto: the C chosen on validation is the one the saved baseline records
+    chosen = read_json(layout.baselines_dir / "tfidf" / "training.json")["C"]
+    assert chosen in params.train.tfidf.C_grid
+    clf = LogisticRegression(C=chosen, max_iter=5000, random_state=params.seed)
     clf.fit(vec.fit_transform(frame["text"]), frame["label_id"])
     expected = clf.predict_proba(vec.transform(test))
     np.testing.assert_allclose(load_tfidf(layout.baselines_dir / "tfidf")(test), expected, atol=1e-12)
