@@ -2,14 +2,17 @@
 
 MLflow logs this file as "model from code" (`mlflow.pyfunc.log_model(python_model=<this file>)`),
 so nothing is pickled: loading runs this code and reads safetensors weights from the model
-folder artifact. It imports only what the pinned serving requirements install (no graft), so
-`mlflow models serve` works in any environment that has them.
+folder artifact. It imports only what the pinned serving requirements install, and
+graft/truncation.py (standard library only), which register logs beside it as code
+(`registry.SERVING_CODE_PATHS`): `mlflow models serve` works in any environment that has them,
+graft installed or not.
 
 What a model folder needs to be served the way evaluate scored it is in the folder itself:
 `graft_serving.json` (written by train beside the weights) names the tokenization (max_length,
-truncation: which tokens of a longer text are kept, and padding side), the head (the model's own sequence-classification head, or a
-linear probe over mean-pooled embeddings and its weights file) and the labels in order. Serving
-reads it and never guesses: a folder without it is refused.
+truncation: which tokens of a longer text are kept, `keep`: head, tail or head_tail; padding
+side), the head (the model's own sequence-classification head, or a linear probe over
+mean-pooled embeddings and its weights file) and the labels in order. Serving reads it and never
+guesses: a folder without it is refused.
 """
 
 from __future__ import annotations
