@@ -64,11 +64,33 @@ class DataParams(_Section):
         return value
 
 
+MIN_MAX_LENGTH, MAX_MAX_LENGTH = 8, 4096
+
+
 class ModelParams(_Section):
     ref: str = Field(description="`package:NAME/sub/dir`, a local folder, or a hub id.")
     revision: str | None = Field(description="Hub revision; pin it for reproducible runs.")
     trust_remote_code: bool = Field(description="Allow model code from the hub to run.")
-    max_length: int = Field(ge=8, le=4096, description="Tokens kept per text.")
+    max_length: int | Literal["auto"] = Field(description=(
+        "Tokens kept per text (8 to 4096), or `auto`: chosen by the features stage from the train split's token "
+        "lengths (graft/lengths.py: length_coverage under length_budget, capped by the backbone's positions)."))
+    length_coverage: float = Field(gt=0, le=1, description=(
+        "`max_length: auto`: the share of train texts that must fit untruncated (before the budget and the cap)."))
+    length_budget: int = Field(ge=8, le=4096, description=(
+        "`max_length: auto`: the most mean tokens per train text after truncation (what compute per epoch grows "
+        "with, at least linearly, under length-grouped batches); auto lowers its choice until it fits."))
+    truncation: Literal["head", "tail", "head_tail"] = Field(description=(
+        "Tokens kept of a longer text: head (its start), tail (its end), or head_tail (the first quarter and the "
+        "last three quarters of the window, Sun et al. 2019)."))
+
+    @field_validator("max_length", mode="before")
+    @classmethod
+    def _length_or_auto(cls, value: Any) -> Any:
+        if isinstance(value, str) and value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or not MIN_MAX_LENGTH <= value <= MAX_MAX_LENGTH:
+            raise ValueError(f"expected a number of tokens from {MIN_MAX_LENGTH} to {MAX_MAX_LENGTH}, or auto")
+        return value
 
 
 class FeatureParams(_Section):

@@ -85,8 +85,23 @@ class Layout:
         return self.features_dir / f"{split}.npy"
 
     @property
+    def recipe(self) -> Path:
+        """The max_length (resolved when `auto`) and truncation the features stage embedded with:
+        train and evaluate read it (graft.lengths.resolved_tokenization), never model.max_length."""
+        return self.features_dir / RECIPE_FILE
+
+    @property
     def transferability(self) -> Path:
         return self._p("reports/transferability.json")
+
+    @property
+    def sequence_length(self) -> Path:
+        """The train split's token lengths, the max_length chosen or given, and its cost."""
+        return self._p("reports/sequence_length.json")
+
+    @property
+    def token_lengths_plot(self) -> Path:
+        return self._p("reports/plots/token_lengths.png")
 
     # train
     @property
@@ -179,6 +194,7 @@ class Layout:
 
 
 SPLITS = ("train", "val", "test")
+RECIPE_FILE = "recipe.json"
 
 PIPELINE_FILE = "dvc.yaml"
 

@@ -22,6 +22,7 @@ from transformers import (
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from graft.errors import GraftError
+from graft.truncation import tokenize as truncate_tokenize
 
 
 def seed_everything(seed: int) -> None:
@@ -223,9 +224,11 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids per text, truncated; padding happens per batch (dynamic padding)."""
-    return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int,
+             truncation: str = "head") -> list[list[int]]:
+    """Token ids per text, cut to `max_length` as `truncation` says (head, tail, head_tail:
+    graft.truncation, which the served model uses too); padding happens per batch."""
+    return truncate_tokenize(tokenizer, texts, max_length=max_length, truncation=truncation)
 
 
 def collate(tokenizer: PreTrainedTokenizerBase, ids: Sequence[list[int]], device: torch.device) -> dict:
@@ -272,12 +275,13 @@ def _map_batches(
     width: int,
     rows: Callable,
     max_length: int,
+    truncation: str,
     batch_size: int,
     device: torch.device,
     desc: str,
 ) -> np.ndarray:
     """`_map_ids` over texts, tokenized (and truncated) first."""
-    return _map_ids(model, tokenizer, tokenize(tokenizer, texts, max_length), width=width, rows=rows,
+    return _map_ids(model, tokenizer, tokenize(tokenizer, texts, max_length, truncation), width=width, rows=rows,
                     batch_size=batch_size, device=device, desc=desc)
 
 
@@ -289,15 +293,16 @@ class MemoScorer:
     perturbations and template probes through one of these per model."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, rows: Callable, width: int,
-                 max_length: int, batch_size: int, device: torch.device, desc: str) -> None:
+                 max_length: int, batch_size: int, device: torch.device, desc: str, truncation: str = "head") -> None:
         self.model, self.tokenizer, self.rows, self.width = model, tokenizer, rows, width
         self.max_length, self.batch_size, self.device, self.desc = max_length, batch_size, device, desc
+        self.truncation = truncation
         self.memo: dict[tuple[int, ...], np.ndarray] = {}
         self.forwarded = 0  # sequences that went through the model
 
     def keys(self, texts: Sequence[str]) -> list[tuple[int, ...]]:
         """What the model sees of each text: its truncated token ids."""
-        return [tuple(x) for x in tokenize(self.tokenizer, texts, self.max_length)] if len(texts) else []
+        return [tuple(x) for x in tokenize(self.tokenizer, texts, self.max_length, self.truncation)] if len(texts) else []
 
     def seed(self, texts: Sequence[str], values: np.ndarray) -> None:
         """Rows already computed elsewhere (the features stage's embeddings) for these texts."""
@@ -332,17 +337,17 @@ def _softmax(out, _inputs) -> torch.Tensor:
 
 
 def embedding_scorer(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, max_length: int,
-                     batch_size: int, device: torch.device, desc: str = "embed") -> MemoScorer:
+                     batch_size: int, device: torch.device, desc: str = "embed", truncation: str = "head") -> MemoScorer:
     """Mean-pooled embeddings of a frozen backbone, memoised by token ids."""
     return MemoScorer(encoder, tokenizer, rows=_pooled, width=encoder.config.hidden_size, max_length=max_length,
-                      batch_size=batch_size, device=device, desc=desc)
+                      batch_size=batch_size, device=device, desc=desc, truncation=truncation)
 
 
 def proba_scorer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, max_length: int,
-                 batch_size: int, device: torch.device, desc: str = "predict") -> MemoScorer:
+                 batch_size: int, device: torch.device, desc: str = "predict", truncation: str = "head") -> MemoScorer:
     """Class probabilities of a sequence classifier, memoised by token ids."""
     return MemoScorer(model, tokenizer, rows=_softmax, width=model.config.num_labels, max_length=max_length,
-                      batch_size=batch_size, device=device, desc=desc)
+                      batch_size=batch_size, device=device, desc=desc, truncation=truncation)
 
 
 def embed(
@@ -354,12 +359,13 @@ def embed(
     batch_size: int,
     device: torch.device,
     desc: str = "embed",
+    truncation: str = "head",
 ) -> np.ndarray:
     """Mean-pooled embeddings of the frozen backbone, in the order of `texts`."""
     return _map_batches(
         encoder, tokenizer, texts, width=encoder.config.hidden_size,
         rows=_pooled,
-        max_length=max_length, batch_size=batch_size, device=device, desc=desc,
+        max_length=max_length, truncation=truncation, batch_size=batch_size, device=device, desc=desc,
     )
 
 
@@ -372,12 +378,13 @@ def predict_proba(
     batch_size: int,
     device: torch.device,
     desc: str = "predict",
+    truncation: str = "head",
 ) -> np.ndarray:
     """Class probabilities of a sequence classifier, in the order of `texts`."""
     return _map_batches(
         model, tokenizer, texts, width=model.config.num_labels,
         rows=_softmax,
-        max_length=max_length, batch_size=batch_size, device=device, desc=desc,
+        max_length=max_length, truncation=truncation, batch_size=batch_size, device=device, desc=desc,
     )
 
 
@@ -396,11 +403,12 @@ def embed_layers(
     batch_size: int,
     device: torch.device,
     desc: str = "embed layers",
+    truncation: str = "head",
 ) -> np.ndarray:
     """Mean-pooled hidden states of every layer, shape (layers + 1, texts, hidden): index 0 is the
     embedding layer's output, index i the output of block i; the last equals `embed`'s rows."""
     layers, hidden = encoder.config.num_hidden_layers + 1, encoder.config.hidden_size
-    flat = _map_ids(encoder, tokenizer, tokenize(tokenizer, texts, max_length), width=layers * hidden,
+    flat = _map_ids(encoder, tokenizer, tokenize(tokenizer, texts, max_length, truncation), width=layers * hidden,
                     rows=_pooled_layers, batch_size=batch_size, device=device, desc=desc,
                     forward_kwargs={"output_hidden_states": True})
     return np.ascontiguousarray(flat.reshape(len(texts), layers, hidden).transpose(1, 0, 2))

@@ -43,6 +43,8 @@ DEFAULT_TRACKING_DB = "mlruns.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 CHAMPION = "champion"
 SERVING_CODE = Path(__file__).with_name("serving.py")
+# what serving.py imports besides its pinned packages, logged beside it (MLflow puts them on sys.path)
+SERVING_CODE_PATHS = [Path(__file__).with_name("truncation.py")]
 SERVING_PACKAGES = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pandas", "numpy")
 
 
@@ -209,7 +211,7 @@ def log_model(*, model_dir: Path, card_path: Path, example_texts: list[str], reg
     example = pd.DataFrame({"text": example_texts})
     output = (classifier or servable(model_dir)).predict(None, example)
     return mlflow.pyfunc.log_model(
-        name="model", python_model=str(SERVING_CODE),
+        name="model", python_model=str(SERVING_CODE), code_paths=[str(p) for p in SERVING_CODE_PATHS],
         artifacts={"model": str(model_dir), "model_card": str(card_path)},
         signature=infer_signature(example, output), input_example=example,
         pip_requirements=serving_requirements(), registered_model_name=registered_name,

@@ -30,6 +30,7 @@ SECTIONS = {
     "robustness": "Robustness",
     "gate": "Gate",
     "datacard": "Data card",
+    "sequence_length": "Sequence length",
     "examples": "Examples",
 }
 INHERITED_NOTE = (
@@ -268,7 +269,7 @@ def _direction_cells(direction: Mapping | None) -> list:
 
 
 def render_html(*, transfer: Mapping, gate: Mapping, bias: Mapping, robustness: Mapping, datacard: Mapping,
-                plots: Mapping[str, bytes | None]) -> str:
+                plots: Mapping[str, bytes | None], sequence_length: Mapping | None = None) -> str:
     """One self-contained page with every section of SECTIONS, in that order."""
     proposed = transfer["proposed"]
     parts: dict[str, str] = {"summary": _summary(transfer, gate, bias, robustness)}
@@ -329,6 +330,7 @@ def render_html(*, transfer: Mapping, gate: Mapping, bias: Mapping, robustness: 
     parts["gate"] = _table(["check", "value", "threshold", "passed"],
                            [[c["name"], c["value"], c["threshold"], "yes" if c["passed"] else "NO"] for c in gate["checks"]])
     parts["datacard"] = f"<pre>{html_text(json.dumps(datacard, indent=2, ensure_ascii=False))}</pre>"
+    parts["sequence_length"] = _sequence_length_section(sequence_length, plots.get("token_lengths"))
     parts["examples"] = _examples_section(proposed, directions, rob.get(proposed, {}).get("perturbations", {}))
     body = "".join(f'<section id="{sid}"><h2>{html.escape(title)}</h2>{parts[sid]}</section>'
                    for sid, title in SECTIONS.items())
@@ -340,6 +342,26 @@ def render_html(*, transfer: Mapping, gate: Mapping, bias: Mapping, robustness: 
              "summary{cursor:pointer;margin:.3em 0}img{max-width:100%}.examples{font-size:12px}")
     return (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>graft evaluation report</title>"
             f"<style>{style}</style></head><body><h1>graft evaluation report</h1>{body}</body></html>\n")
+
+
+def _sequence_length_section(facts: Mapping | None, png: bytes | None) -> str:
+    """The train split's token lengths, the max_length used (given, or chosen by `auto`), what it
+    truncates and what it costs against 128 (the features stage's reports/sequence_length.json)."""
+    if not facts:
+        return "<p>No sequence-length report (reports/sequence_length.json: run the features stage).</p>"
+    q, ref, auto = facts["quantiles"], facts["reference"], facts.get("auto") or {}
+    how = "chosen by <code>max_length: auto</code>" if facts.get("requested") == "auto" else "given in params.yaml"
+    rule = (f"auto keeps {auto.get('coverage', 0):.0%} of train texts whole ({auto.get('covering_length')} tokens, "
+            f"rounded up to a multiple of 8), capped at {auto.get('cap')} (the backbone's positions), lowered until the "
+            f"mean tokens per text is at most {auto.get('budget_mean_tokens')}: it picks {auto.get('max_length')}, "
+            f"decided by {auto.get('decided_by')}, at {auto.get('relative_cost', 0):.2f}x the cost of 128")
+    return (f"<p>max_length <b>{facts['max_length']}</b> ({how}), truncation <code>{html_text(facts.get('truncation'))}"
+            f"</code>. {html_text(rule)}.</p>"
+            + _table(["max_length", "train texts truncated", "mean tokens per text", "cost vs 128"],
+                     [[facts["max_length"], _pct(facts["truncated_share"]), facts["mean_tokens"], facts["relative_cost"]],
+                      [ref["max_length"], _pct(ref["truncated_share"]), ref["mean_tokens"], 1.0]])
+            + _table(["train texts", *q], [[facts["texts"], *q.values()]])
+            + _img(png, "token lengths of the train split"))
 
 
 def _examples_section(proposed: str, directions: Sequence[Mapping], perturbations: Mapping[str, Mapping]) -> str:

@@ -2,14 +2,17 @@
 
 MLflow logs this file as "model from code" (`mlflow.pyfunc.log_model(python_model=<this file>)`),
 so nothing is pickled: loading runs this code and reads safetensors weights from the model
-folder artifact. It imports only what the pinned serving requirements install (no graft), so
-`mlflow models serve` works in any environment that has them.
+folder artifact. It imports only what the pinned serving requirements install, and
+graft/truncation.py (standard library only), which register logs beside it as code
+(`registry.SERVING_CODE_PATHS`): `mlflow models serve` works in any environment that has them,
+graft installed or not.
 
 What a model folder needs to be served the way evaluate scored it is in the folder itself:
 `graft_serving.json` (written by train beside the weights) names the tokenization (max_length,
-truncation and padding side), the head (the model's own sequence-classification head, or a
-linear probe over mean-pooled embeddings and its weights file) and the labels in order. Serving
-reads it and never guesses: a folder without it is refused.
+truncation: which tokens of a longer text are kept, `keep`: head, tail or head_tail; padding
+side), the head (the model's own sequence-classification head, or a linear probe over
+mean-pooled embeddings and its weights file) and the labels in order. Serving reads it and never
+guesses: a folder without it is refused.
 """
 
 from __future__ import annotations
@@ -21,18 +24,25 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+try:  # in graft's own processes (train, evaluate, register's parity check)
+    from graft.truncation import TRUNCATIONS, tokenize
+except ModuleNotFoundError:  # served without graft: the file is logged with the model as code (registry.log_model)
+    from truncation import TRUNCATIONS, tokenize
+
 TEXT_COLUMN = "text"
 MODEL_ARTIFACT = "model"
 BATCH_SIZE = 32
 
 SERVING_FILE = "graft_serving.json"
-SERVING_FORMAT = 1
+# 2: `truncation.keep` (head, tail, head_tail) says which tokens of a longer text are kept
+SERVING_FORMAT = 2
 # the model's own `*ForSequenceClassification` head (its pooling is the model's: BERT's pooler over [CLS])
 SEQUENCE_CLASSIFICATION = "sequence_classification"
 # a linear head (`weight`, `bias` in a safetensors file) over the mean-pooled last hidden state
 LINEAR_PROBE = "linear_probe"
 HEAD_POOLING = {SEQUENCE_CLASSIFICATION: "model", LINEAR_PROBE: "mean"}
-# what the tokenizer is called with, in train and evaluate (graft.modeling.tokenize) and here
+# what the tokenizer is called with for `keep: head`, in train and evaluate (graft.modeling.tokenize,
+# graft.truncation.tokenize) and here; `tail` and `head_tail` cut the untruncated ids in graft.truncation
 TRUNCATION_STRATEGY = "longest_first"
 
 
@@ -44,15 +54,18 @@ def probability_column(label: str) -> str:
     return f"probability_{label}"
 
 
-def describe(*, labels: list[str], max_length: int, tokenizer, head: str, head_file: str | None = None) -> dict:
+def describe(*, labels: list[str], max_length: int, truncation: str, tokenizer, head: str,
+             head_file: str | None = None) -> dict:
     """What serving needs to reproduce evaluate's scoring of a model folder (train writes it)."""
     if head not in HEAD_POOLING:
         raise ValueError(f"head {head!r}: expected one of {sorted(HEAD_POOLING)}")
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"truncation {truncation!r}: expected one of {list(TRUNCATIONS)}")
     description = {
         "format": SERVING_FORMAT,
         "labels": [str(label) for label in labels],
         "max_length": int(max_length),
-        "truncation": {"strategy": TRUNCATION_STRATEGY, "side": tokenizer.truncation_side},
+        "truncation": {"strategy": TRUNCATION_STRATEGY, "side": tokenizer.truncation_side, "keep": truncation},
         "padding_side": tokenizer.padding_side,
         "head": {"kind": head, "pooling": HEAD_POOLING[head]},
     }
@@ -88,6 +101,8 @@ def read_description(model_dir: Path) -> dict:
         problems.append(f"max_length: {max_length!r} is not a positive integer")
     if truncation.get("strategy") != TRUNCATION_STRATEGY:
         problems.append(f"truncation.strategy: {truncation.get('strategy')!r}, expected {TRUNCATION_STRATEGY!r}")
+    if truncation.get("keep") not in TRUNCATIONS:
+        problems.append(f"truncation.keep: {truncation.get('keep')!r}, expected one of {list(TRUNCATIONS)}")
     for key, value in (("truncation.side", truncation.get("side")), ("padding_side", description.get("padding_side"))):
         if value not in ("left", "right"):
             problems.append(f"{key}: {value!r}, expected 'left' or 'right'")
@@ -119,7 +134,7 @@ class TextClassifier(mlflow.pyfunc.PythonModel):
         description = read_description(model_dir)
         self.labels = description["labels"]
         self.max_length = description["max_length"]
-        self.truncation = description["truncation"]["strategy"]
+        self.truncation = description["truncation"]["keep"]
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self.tokenizer.truncation_side = description["truncation"]["side"]
         self.tokenizer.padding_side = description["padding_side"]
@@ -158,9 +173,9 @@ class TextClassifier(mlflow.pyfunc.PythonModel):
         rows = []
         with torch.inference_mode():
             for start in range(0, len(texts), BATCH_SIZE):
-                # what evaluate feeds the model: truncated token ids, padded per batch, and the mask
-                ids = self.tokenizer(texts[start:start + BATCH_SIZE], truncation=self.truncation,
-                                     max_length=self.max_length)["input_ids"]
+                # what evaluate feeds the model: the same cut of the token ids, padded per batch, and the mask
+                ids = tokenize(self.tokenizer, texts[start:start + BATCH_SIZE], max_length=self.max_length,
+                               truncation=self.truncation)
                 padded = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
                 batch = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
                 rows.append(torch.softmax(self.logits(batch).float(), dim=-1).numpy())

@@ -58,6 +58,7 @@ class FitSettings:
     warmup_ratio: float = 0.1
     grad_accumulation: int = 1
     max_length: int = 128
+    truncation: str = "head"
     seed: int = 0
     patience: int | None = None
     cache_frozen: bool = True
@@ -364,7 +365,8 @@ def fit(
         torch.set_flush_denormal(True)
     model.to(device)
     started = time.perf_counter()
-    train_ids, val_ids = tokenize(tokenizer, train_texts, s.max_length), tokenize(tokenizer, val_texts, s.max_length)
+    train_ids = tokenize(tokenizer, train_texts, s.max_length, s.truncation)
+    val_ids = tokenize(tokenizer, val_texts, s.max_length, s.truncation)
     train_lengths, val_lengths = [len(x) for x in train_ids], [len(x) for x in val_ids]
     train_labels, val_labels = np.asarray(train_labels), np.asarray(val_labels)
 

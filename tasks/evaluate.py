@@ -31,6 +31,7 @@ from graft.bias import (
 from graft.errors import GraftError, exits_cleanly
 from graft.files import atomic_path, atomic_write_text, read_json, write_json
 from graft.layout import Layout, require
+from graft.lengths import Tokenization, resolved_tokenization, token_lengths_png
 from graft.modeling import (
     PROBE_HEAD_FILE,
     MemoScorer,
@@ -78,23 +79,24 @@ def cached(predict: Predictor) -> Predictor:
     return wrapped
 
 
-def transformer_predictor(model_dir: Path, params: config.Params, device, name: str) -> Predictor:
+def transformer_predictor(model_dir: Path, params: config.Params, tokens: Tokenization, device, name: str) -> Predictor:
     """A saved classifier as texts -> probabilities, through the length-sorted inference loop,
     each distinct token sequence scored once."""
     trust = params.model.trust_remote_code
     tokenizer, model = load_tokenizer(model_dir, trust_remote_code=trust), load_classifier(model_dir, trust_remote_code=trust)
-    return proba_scorer(model, tokenizer, max_length=params.model.max_length, batch_size=params.features.batch_size,
-                        device=device, desc=name)
+    return proba_scorer(model, tokenizer, max_length=tokens.max_length, truncation=tokens.truncation,
+                        batch_size=params.features.batch_size, device=device, desc=name)
 
 
-def backbone_scorer(layout: Layout, params: config.Params, device, splits: Mapping[str, pd.DataFrame]) -> MemoScorer:
+def backbone_scorer(layout: Layout, params: config.Params, tokens: Tokenization, device,
+                    splits: Mapping[str, pd.DataFrame]) -> MemoScorer:
     """The frozen backbone's mean-pooled embeddings, seeded with the features stage's cached
     embeddings of every split: the probes below pay a forward pass only for new texts."""
     trust = params.model.trust_remote_code
     scorer = embedding_scorer(load_encoder(layout.pretrained_dir, trust_remote_code=trust),
                               load_tokenizer(layout.pretrained_dir, trust_remote_code=trust),
-                              max_length=params.model.max_length, batch_size=params.features.batch_size,
-                              device=device, desc=BACKBONE_PROBE)
+                              max_length=tokens.max_length, truncation=tokens.truncation,
+                              batch_size=params.features.batch_size, device=device, desc=BACKBONE_PROBE)
     for split, frame in splits.items():
         cached_rows = np.load(layout.features_file(split))
         if len(cached_rows) != len(frame):
@@ -125,13 +127,14 @@ def shares_backbone(model_dir: Path, backbone: torch.nn.Module) -> bool:
     return theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k].cpu()) for k in ours)
 
 
-def probe_predictor(model_dir: Path, params: config.Params, device, name: str, backbone: MemoScorer) -> Predictor:
+def probe_predictor(model_dir: Path, params: config.Params, tokens: Tokenization, device, name: str,
+                    backbone: MemoScorer) -> Predictor:
     """A linear-probe candidate: its head over the shared backbone embeddings when its encoder is
     the backbone (always, for graft's own probes), else as its own model."""
     if shares_backbone(model_dir, backbone.model):
         head = load_file(str(Path(model_dir) / PROBE_HEAD_FILE))
         return head_predictor(backbone, head["weight"].numpy(), head["bias"].numpy())
-    return transformer_predictor(model_dir, params, device, name)
+    return transformer_predictor(model_dir, params, tokens, device, name)
 
 
 def backbone_probe(scorer: MemoScorer, params: config.Params, *, train_texts: Sequence[str], labels: np.ndarray,
@@ -180,8 +183,9 @@ def load_candidates(layout: Layout, params: config.Params, *, splits: Mapping[st
     require(layout.candidates, layout.baselines_dir, layout.pretrained_dir, *(layout.features_file(s) for s in splits),
             root=layout.root)
     manifest = read_json(layout.candidates)
+    tokens = resolved_tokenization(params, layout)  # the length and truncation the features stage embedded with
     device = select_device()
-    backbone = backbone_scorer(layout, params, device, splits)
+    backbone = backbone_scorer(layout, params, tokens, device, splits)
     scorers = {BACKBONE_PROBE: backbone}
     predictors: dict[str, Predictor] = {}
     for name, cand in manifest["candidates"].items():
@@ -189,15 +193,15 @@ def load_candidates(layout: Layout, params: config.Params, *, splits: Mapping[st
         if cand["kind"] == "tfidf":
             predictors[name] = load_tfidf(path)
         elif (path / PROBE_HEAD_FILE).exists():
-            predictors[name] = probe_predictor(path, params, device, name, backbone)
+            predictors[name] = probe_predictor(path, params, tokens, device, name, backbone)
         else:
-            predictors[name] = scorers[name] = transformer_predictor(path, params, device, name)
+            predictors[name] = scorers[name] = transformer_predictor(path, params, tokens, device, name)
     reuse_val_predictions(layout, splits["val"], scorers)
     seed_predictors = {}
     for seed, run in (manifest.get("seeds") or {}).get("models", {}).items():
         name = f"{manifest['proposed']}-seed-{seed}"
         seed_predictors[int(seed)] = scorers[name] = transformer_predictor(Path(layout.root) / run["path"], params,
-                                                                           device, name)
+                                                                           tokens, device, name)
     manifest["seed_predictors"] = seed_predictors
     train, val = splits["train"], splits["val"]
     predictors[BACKBONE_PROBE], manifest["backbone_probe"] = backbone_probe(
@@ -411,9 +415,11 @@ def evaluate(params: config.Params, *, layout: Layout | None = None) -> dict:
     write_json(layout.bias, result["bias"])
     write_json(layout.robustness, result["robustness"])
     write_json(layout.gate, result["gate"])
+    lengths = read_json(layout.sequence_length) if layout.sequence_length.exists() else None
     atomic_write_text(layout.report_html, render_html(
         transfer=result["transfer"], gate=result["gate"], bias=result["bias"], robustness=result["robustness"],
-        datacard=card, plots=images))
+        datacard=card, sequence_length=lengths,
+        plots={**images, "token_lengths": token_lengths_png(lengths) if lengths else None}))
     # run facts go to a report no stage depends on: register reads the reports above, and must
     # find them unchanged when the same models are evaluated again
     result["run_facts"] = {"seconds": round(time.perf_counter() - started, 2),

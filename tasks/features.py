@@ -1,4 +1,5 @@
-"""features: embed every split with the frozen backbone (mean pooling); score transferability."""
+"""features: resolve `model.max_length` (auto: from the train split's token lengths), embed every
+split with the frozen backbone (mean pooling) at that length, score transferability."""
 
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ from sklearn.linear_model import LogisticRegression
 from graft import config
 from graft.errors import exits_cleanly
 from graft.files import atomic_path, write_json
-from graft.layout import SPLITS, Layout, require
+from graft.layout import RECIPE_FILE, SPLITS, Layout, require
+from graft.lengths import (
+    Tokenization,
+    backbone_cap,
+    recipe,
+    resolve_max_length,
+    summary_line,
+    token_lengths,
+    token_lengths_png,
+)
 from graft.modeling import embed, load_encoder, load_tokenizer, select_device
 
 
@@ -58,9 +68,19 @@ def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, 
     return float((probe.predict(val_x) == val_y).mean())
 
 
+def sequence_length(params: config.Params, tokenizer, encoder, train_texts: list[str]) -> tuple[Tokenization, dict]:
+    """The length every stage cuts texts to (`auto` resolved on the train split), its facts."""
+    m = params.model
+    lengths = token_lengths(tokenizer, train_texts)
+    max_length, facts = resolve_max_length(m.max_length, lengths, coverage=m.length_coverage, budget=m.length_budget,
+                                           cap=backbone_cap(encoder.config, tokenizer))
+    return Tokenization(max_length=max_length, truncation=m.truncation), {**facts, "truncation": m.truncation}
+
+
 def features(params: config.Params, *, pretrained_dir: Path, prepared_dir: Path, out_dir: Path,
-             report: Path) -> dict:
-    """Embed train/val/test and write one .npy per split plus the transferability report."""
+             report: Path, length_report: Path, length_plot: Path) -> dict:
+    """Resolve the sequence length, embed train/val/test and write one .npy per split, the recipe
+    (the length and truncation used), the transferability and sequence-length reports."""
     splits = {split: prepared_dir / f"{split}.parquet" for split in SPLITS}
     require(pretrained_dir / "config.json", *splits.values())
     device = select_device()
@@ -68,18 +88,24 @@ def features(params: config.Params, *, pretrained_dir: Path, prepared_dir: Path,
     tokenizer = load_tokenizer(pretrained_dir, trust_remote_code=trust)
     encoder = load_encoder(pretrained_dir, trust_remote_code=trust)
     started = time.perf_counter()
+    frames = {split: pd.read_parquet(path, columns=["text", "label_id"]) for split, path in splits.items()}
+    tokenization, length_facts = sequence_length(params, tokenizer, encoder, frames["train"]["text"].tolist())
     embedded, labels = {}, {}
-    for split, path in splits.items():
-        frame = pd.read_parquet(path, columns=["text", "label_id"])
+    for split, frame in frames.items():
         embedded[split] = embed(
-            encoder, tokenizer, frame["text"].tolist(), max_length=params.model.max_length,
-            batch_size=params.features.batch_size, device=device, desc=f"embed {split}",
+            encoder, tokenizer, frame["text"].tolist(), max_length=tokenization.max_length,
+            truncation=tokenization.truncation, batch_size=params.features.batch_size, device=device,
+            desc=f"embed {split}",
         )
         labels[split] = frame["label_id"].to_numpy()
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         for split, matrix in embedded.items():
             np.save(tmp / f"{split}.npy", matrix)
+        write_json(tmp / RECIPE_FILE, recipe(tokenization, requested=params.model.max_length))
+    write_json(length_report, length_facts)
+    with atomic_path(length_plot) as tmp:
+        tmp.write_bytes(token_lengths_png(length_facts))
     result = {
         "backbone": str(pretrained_dir),
         "pooling": "mean",
@@ -87,18 +113,22 @@ def features(params: config.Params, *, pretrained_dir: Path, prepared_dir: Path,
         "probe_val_accuracy": probe_accuracy(embedded["train"], labels["train"], embedded["val"], labels["val"], params.seed),
         "dims": int(embedded["train"].shape[1]),
         "rows": {split: int(m.shape[0]) for split, m in embedded.items()},
+        "max_length": tokenization.max_length,
     }
     write_json(report, result)
     # run facts stay out of the report: it is a dependency of register, and must not change
     # when the same features are computed again
-    return {**result, "seconds": round(time.perf_counter() - started, 2), "device": device.type}
+    return {**result, "seconds": round(time.perf_counter() - started, 2), "device": device.type,
+            "sequence_length": length_facts}
 
 
 @exits_cleanly
 def main() -> None:
     layout = Layout()
     result = features(config.load(), pretrained_dir=layout.pretrained_dir, prepared_dir=layout.prepared_dir,
-                      out_dir=layout.features_dir, report=layout.transferability)
+                      out_dir=layout.features_dir, report=layout.transferability,
+                      length_report=layout.sequence_length, length_plot=layout.token_lengths_plot)
+    print(f"features: {summary_line(result['sequence_length'])}")  # noqa: T201
     print(  # noqa: T201
         f"features: {sum(result['rows'].values())} texts embedded in {result['seconds']}s; "
         f"LogME {result['logme']:.3f}, frozen probe val accuracy {result['probe_val_accuracy']:.3f}"

@@ -62,7 +62,8 @@ def datacard(splits: dict[str, pd.DataFrame], validated: Validated, *, classes: 
 
 
 def plot_text_lengths(splits: dict[str, pd.DataFrame], path: Path) -> None:
-    """Words per text, one histogram per split: truncation (model.max_length) shows here."""
+    """Words per text, one histogram per split (tokens, and truncation at model.max_length: the
+    features stage's reports/plots/token_lengths.png)."""
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for name, frame in splits.items():
         ax.hist(frame["text"].str.split().str.len(), bins=40, alpha=0.5, label=f"{name} ({len(frame)})")
@@ -89,6 +90,9 @@ def datacard_markdown(card: dict, plot_name: str) -> str:
     for name, split in card["splits"].items():
         w = split["text_words"]
         lines.append(f"| {name} | {w['median']:.0f} | {w['min']} | {w['max']} |")
+    lines += ["", "Words, not tokens: the train split's token lengths, the `model.max_length` used (or chosen by "
+              "`auto`), what it truncates and costs are in [sequence_length.json](sequence_length.json) and "
+              "[plots/token_lengths.png](plots/token_lengths.png), written by the features stage (it has the tokenizer)."]
     for column in card["group_columns"]:
         lines += ["", f"## Group column `{column}`", "", "| split | " + " | ".join(
             sorted({g for s in card["splits"].values() for g in s["groups"][column]})) + " |"]

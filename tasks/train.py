@@ -25,6 +25,7 @@ from graft.baselines import save_tfidf, select_tfidf
 from graft.errors import exits_cleanly
 from graft.files import atomic_path, read_json, sha256_file, write_json
 from graft.layout import Layout, require
+from graft.lengths import Tokenization, resolved_tokenization
 from graft.modeling import (
     PROBE_HEAD_FILE,
     build_classifier,
@@ -52,18 +53,20 @@ def checkpoints_dir(layout: Layout) -> Path:
     return layout.checkpoints_dir
 
 
-def _settings(params: config.Params, *, lr: float, epochs: int) -> FitSettings:
+def _settings(params: config.Params, tokens: Tokenization, *, lr: float, epochs: int) -> FitSettings:
     t = params.train
     return FitSettings(
         lr=lr, epochs=epochs, batch_size=t.batch_size, weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio,
-        grad_accumulation=t.grad_accumulation, max_length=params.model.max_length, seed=params.seed,
+        grad_accumulation=t.grad_accumulation, max_length=tokens.max_length, truncation=tokens.truncation,
+        seed=params.seed,
         patience=t.patience, cache_frozen=t.cache_frozen, checkpoint_every=t.checkpoint_every, compile=t.compile,
         precision=t.precision,
     )
 
 
 def train_transformer(params: config.Params, strategy: str, *, classes: list[str], data: dict, layout: Layout,
-                      device: torch.device, data_digest: str, run_name: str | None = None) -> tuple[torch.nn.Module, dict]:
+                      tokens: Tokenization, device: torch.device, data_digest: str,
+                      run_name: str | None = None) -> tuple[torch.nn.Module, dict]:
     """Build, adapt, fit and describe one transformer candidate (`scratch` included); `run_name`
     (default: the strategy) names its resume folder and progress bar."""
     run_name = run_name or strategy
@@ -83,10 +86,10 @@ def train_transformer(params: config.Params, strategy: str, *, classes: list[str
     lora = {"r": t.lora.r, "alpha": t.lora.alpha, "dropout": t.lora.dropout}
     model, frozen, groups = prepare_strategy(model, strategy, freeze_layers=freeze, lr=lr, weight_decay=t.weight_decay,
                                              layer_decay=t.full.layer_decay, lora=lora)
-    settings = _settings(params, lr=lr, epochs=epochs)
+    settings = _settings(params, tokens, lr=lr, epochs=epochs)
     _, world = dist_env()
     # the backbone by content (its manifest), not by name: a resume must see the same weights
-    fingerprint = fingerprint_of(strategy, t.model_dump(), params.model.max_length, params.model.trust_remote_code,
+    fingerprint = fingerprint_of(strategy, t.model_dump(), tokens.max_length, tokens.truncation, params.model.trust_remote_code,
                                  sha256_file(layout.manifest), params.seed, world, data_digest)
     result = fit(model, tokenizer, **data, settings=settings, param_groups=groups, device=device, freeze_layers=frozen,
                  checkpoint_dir=checkpoints_dir(layout) / run_name, fingerprint=fingerprint, desc=run_name)
@@ -108,7 +111,8 @@ def train_transformer(params: config.Params, strategy: str, *, classes: list[str
     return model.cpu(), state, val_proba
 
 
-def train_probe(params: config.Params, *, classes: list[str], data: dict, layout: Layout, out_dir: Path) -> dict:
+def train_probe(params: config.Params, *, classes: list[str], data: dict, layout: Layout, tokens: Tokenization,
+                out_dir: Path) -> dict:
     """The linear probe on the features stage's embeddings: no backbone forward pass at all."""
     require(layout.features_file("train"), layout.features_file("val"), root=layout.root)
     train_x, val_x = np.load(layout.features_file("train")), np.load(layout.features_file("val"))
@@ -117,8 +121,8 @@ def train_probe(params: config.Params, *, classes: list[str], data: dict, layout
                                              seed=params.seed)
     trust = params.model.trust_remote_code
     tokenizer = load_tokenizer(layout.pretrained_dir, trust_remote_code=trust)
-    serving = describe(labels=classes, max_length=params.model.max_length, tokenizer=tokenizer, head=LINEAR_PROBE,
-                       head_file=PROBE_HEAD_FILE)
+    serving = describe(labels=classes, max_length=tokens.max_length, truncation=tokens.truncation, tokenizer=tokenizer,
+                       head=LINEAR_PROBE, head_file=PROBE_HEAD_FILE)
     save_probe_classifier(load_encoder(layout.pretrained_dir, trust_remote_code=trust), tokenizer,
                           weight, bias, classes=classes, out_dir=out_dir,
                           also_write=lambda folder: write_description(folder, serving))
@@ -128,7 +132,7 @@ def train_probe(params: config.Params, *, classes: list[str], data: dict, layout
     return state
 
 
-def save_transformer(model: torch.nn.Module, tokenizer, out_dir: Path, state: dict, *, max_length: int) -> None:
+def save_transformer(model: torch.nn.Module, tokenizer, out_dir: Path, state: dict, *, tokens: Tokenization) -> None:
     """safetensors weights + config + tokenizer + how they were trained + how evaluate scores
     them (the serving description), written atomically."""
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
@@ -136,8 +140,8 @@ def save_transformer(model: torch.nn.Module, tokenizer, out_dir: Path, state: di
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_training_state(tmp / TRAINING_STATE, state)
-        write_description(tmp, describe(labels=labels, max_length=max_length, tokenizer=tokenizer,
-                                        head=SEQUENCE_CLASSIFICATION))
+        write_description(tmp, describe(labels=labels, max_length=tokens.max_length, truncation=tokens.truncation,
+                                        tokenizer=tokenizer, head=SEQUENCE_CLASSIFICATION))
 
 
 def _candidate(kind: str, path: Path, layout: Layout, state: dict) -> dict:
@@ -149,7 +153,7 @@ def _candidate(kind: str, path: Path, layout: Layout, state: dict) -> dict:
 
 
 def train_seeds(params: config.Params, strategy: str, *, classes: list[str], data: dict, layout: Layout,
-                device: torch.device, data_digest: str, tokenizer) -> dict:
+                tokens: Tokenization, device: torch.device, data_digest: str, tokenizer) -> dict:
     """The proposed strategy again with seeds seed+1..seed+train.seeds-1, same recipe, each in
     models/finetuned/seeds/seed-<s>/ (the registered model stays the base seed's). The linear
     probe is not retrained: lbfgs on its convex objective reaches the same fit whatever the seed
@@ -165,11 +169,11 @@ def train_seeds(params: config.Params, strategy: str, *, classes: list[str], dat
     for seed in extra:
         seeded = params.model_copy(update={"seed": seed})
         name = f"{strategy}-seed-{seed}"
-        model, state, _ = train_transformer(seeded, strategy, classes=classes, data=data, layout=layout, device=device,
-                                            data_digest=data_digest, run_name=name)
+        model, state, _ = train_transformer(seeded, strategy, classes=classes, data=data, layout=layout, tokens=tokens,
+                                            device=device, data_digest=data_digest, run_name=name)
         if rank == 0:
             folder = layout.seed_model_dir(seed)
-            save_transformer(model, tokenizer, folder, state, max_length=params.model.max_length)
+            save_transformer(model, tokenizer, folder, state, tokens=tokens)
             shutil.rmtree(checkpoints_dir(layout) / name, ignore_errors=True)
             out["models"][str(seed)] = _candidate("transformer", folder, layout, state)
     return out
@@ -181,6 +185,7 @@ def train(params: config.Params, *, layout: Layout | None = None) -> dict:
     device = init_distributed()
     rank, world = dist_env()
     require(layout.split_file("train"), layout.split_file("val"), layout.datacard, layout.pretrained_dir, root=layout.root)
+    tokens = resolved_tokenization(params, layout)  # the length and truncation the features stage embedded with
     train_df, val_df = pd.read_parquet(layout.split_file("train")), pd.read_parquet(layout.split_file("val"))
     classes = read_json(layout.datacard)["classes"]
     data = {
@@ -195,12 +200,14 @@ def train(params: config.Params, *, layout: Layout | None = None) -> dict:
         kind = "baseline" if strategy == "scratch" else "transfer"
         out_dir = layout.baselines_dir / "scratch" if strategy == "scratch" else layout.finetuned_dir / strategy
         if strategy == "linear_probe":
-            state = train_probe(params, classes=classes, data=data, layout=layout, out_dir=out_dir) if rank == 0 else {}
+            state = (train_probe(params, classes=classes, data=data, layout=layout, tokens=tokens, out_dir=out_dir)
+                     if rank == 0 else {})
         else:
             model, state, val_proba[strategy] = train_transformer(params, strategy, classes=classes, data=data,
-                                                                  layout=layout, device=device, data_digest=data_digest)
+                                                                  layout=layout, tokens=tokens, device=device,
+                                                                  data_digest=data_digest)
             if rank == 0:
-                save_transformer(model, tokenizer, out_dir, state, max_length=params.model.max_length)
+                save_transformer(model, tokenizer, out_dir, state, tokens=tokens)
                 # the model is safe on disk: its resume state has served (a kill before this
                 # line resumes a finished run, which only saves the model again)
                 shutil.rmtree(checkpoints_dir(layout) / strategy, ignore_errors=True)
@@ -221,13 +228,14 @@ def train(params: config.Params, *, layout: Layout | None = None) -> dict:
         box = [proposed]
         dist.broadcast_object_list(box, src=0)  # every rank trains the proposed strategy's other seeds
         proposed = box[0]
-    seeds = train_seeds(params, proposed, classes=classes, data=data, layout=layout, device=device,
+    seeds = train_seeds(params, proposed, classes=classes, data=data, layout=layout, tokens=tokens, device=device,
                         data_digest=data_digest, tokenizer=tokenizer)
     if world > 1:
         dist.barrier()
     if rank != 0:
         return {}
     report = {"device": device.type, "world_size": world, "torch": torch.__version__, "classes": classes,
+              "max_length": tokens.max_length, "truncation": tokens.truncation,
               "candidates": candidates, "proposed": proposed, "seeds": seeds}
     write_candidates(layout, params.train.strategies, candidates, proposed, classes, seeds=seeds)
     write_val_predictions(layout, val_df["id"].astype(str).to_numpy(), val_proba)

@@ -233,7 +233,8 @@ def run_features(root: Path, params=None) -> dict:
 
     layout = Layout(root)
     return features(params or load_params(root), pretrained_dir=layout.pretrained_dir,
-                    prepared_dir=layout.prepared_dir, out_dir=layout.features_dir, report=layout.transferability)
+                    prepared_dir=layout.prepared_dir, out_dir=layout.features_dir, report=layout.transferability,
+                    length_report=layout.sequence_length, length_plot=layout.token_lengths_plot)
 
 
 ALL_STRATEGIES = ["linear_probe", "partial", "full", "lora"]

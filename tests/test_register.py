@@ -16,6 +16,7 @@ import yaml
 
 from graft.files import read_json, write_json
 from graft.layout import Layout
+from graft.lengths import resolved_tokenization
 from graft.serving import SERVING_FILE
 from tasks.evaluate import predictions_of, transformer_predictor
 from tasks.register import register
@@ -100,7 +101,9 @@ def propose(root: Path, model_dir: Path) -> None:
                {"proposed": "candidate", "candidates": {"candidate": {"kind": "transformer", "path": str(model_dir),
                                                                       "role": "transfer"}}})
     test = pd.read_parquet(root / "data/prepared/test.parquet")
-    proba = transformer_predictor(model_dir, load_params(root), torch.device("cpu"), "candidate")(test["text"].tolist())
+    params = load_params(root)
+    tokens = resolved_tokenization(params, Layout(root))
+    proba = transformer_predictor(model_dir, params, tokens, torch.device("cpu"), "candidate")(test["text"].tolist())
     classes = read_json(root / "data/prepared/datacard.json")["classes"]
     write_json(Layout(root).test_predictions, predictions_of("candidate", proba, test, classes))
 

@@ -177,6 +177,7 @@ def test_two_seeds_give_two_models_and_evaluate_reports_their_spread(two_seeds_e
 
 
 def test_saved_baselines_and_probe_record_the_C_chosen_on_validation(two_seeds_evaluated: Path, tmp_path: Path):
+    from graft.lengths import resolved_tokenization
     from tasks.train import train_probe
 
     root = two_seeds_evaluated
@@ -190,7 +191,7 @@ def test_saved_baselines_and_probe_record_the_C_chosen_on_validation(two_seeds_e
     labels = {s: pd.read_parquet(layout.split_file(s))["label_id"].to_numpy() for s in ("train", "val")}
     data = {"train_labels": labels["train"], "val_labels": labels["val"]}
     state = train_probe(params, classes=read_json(layout.datacard)["classes"], data=data, layout=layout,
-                        out_dir=tmp_path / "probe")
+                        tokens=resolved_tokenization(params, layout), out_dir=tmp_path / "probe")
     assert read_json(tmp_path / "probe" / "training.json")["C"] == state["C"] in params.train.probe.C_grid
     direct = LogisticRegression(C=state["C"], max_iter=5000, random_state=params.seed).fit(
         np.load(layout.features_file("train")), labels["train"])

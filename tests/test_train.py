@@ -16,6 +16,7 @@ from graft.baselines import load_tfidf
 from graft.errors import GraftError
 from graft.files import read_json
 from graft.layout import Layout
+from graft.lengths import resolved_tokenization
 from graft.modeling import load_classifier, load_tokenizer, predict_proba
 from tasks.train import train
 
@@ -129,7 +130,8 @@ def test_linear_probe_runs_no_backbone_forward(prepared: Path, monkeypatch):
     state = train_stage.train_probe(params, classes=read_json(layout.datacard)["classes"],
                                     data={"train_labels": pd.read_parquet(layout.split_file("train"))["label_id"].to_numpy(),
                                           "val_labels": pd.read_parquet(layout.split_file("val"))["label_id"].to_numpy()},
-                                    layout=layout, out_dir=layout.finetuned_dir / "linear_probe")
+                                    layout=layout, tokens=resolved_tokenization(params, layout),
+                                    out_dir=layout.finetuned_dir / "linear_probe")
     assert 0 <= state["best_val_accuracy"] <= 1
     assert (layout.finetuned_dir / "linear_probe" / "probe_head.safetensors").exists()
 
