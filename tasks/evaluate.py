@@ -44,6 +44,8 @@ from graft.modeling import (
 from graft.report import (
     candidates_png,
     confusion_png,
+    curve_section,
+    domain_section,
     gate_failure_message,
     grouped_bars_png,
     note_png,
@@ -350,6 +352,18 @@ def predictions_of(candidate: str, proba: np.ndarray, test: pd.DataFrame, classe
             "labels": [classes[i] for i in proba.argmax(1)], "probabilities": proba.tolist()}
 
 
+def optional_sections(layout: Layout) -> dict[str, tuple[str, str]]:
+    """The sections of the optional stages that ran (curve, domain): their reports, when on."""
+    sections = {}
+    for sid, title, report, plot, render in (
+            ("curve", "Data-efficiency curve", layout.curve_report, layout.curve_plot, curve_section),
+            ("domain", "Domain gap", layout.domain_report, layout.domain_plot, domain_section)):
+        found = read_json(report) if report.exists() else {}
+        if found.get("enabled"):
+            sections[sid] = (title, render(found, plot.read_bytes() if plot.exists() else None))
+    return sections
+
+
 def evaluate(params: config.Params, *, layout: Layout | None = None) -> dict:
     """Write reports/{metrics,transfer,bias,robustness,gate}.json, plots and report.html, and the
     run facts in reports/evaluate.json; return them."""
@@ -391,7 +405,7 @@ def evaluate(params: config.Params, *, layout: Layout | None = None) -> dict:
     write_json(layout.gate, result["gate"])
     atomic_write_text(layout.report_html, render_html(
         transfer=result["transfer"], gate=result["gate"], bias=result["bias"], robustness=result["robustness"],
-        datacard=card, plots=images))
+        datacard=card, plots=images, extra=optional_sections(layout)))
     # run facts go to a report no stage depends on: register reads the reports above, and must
     # find them unchanged when the same models are evaluated again
     result["run_facts"] = {"seconds": round(time.perf_counter() - started, 2),
