@@ -13,10 +13,26 @@ import torch
 from graft.config import validate
 from graft.files import read_json
 from graft.layout import Layout
-from tasks.curve import ALL, catch_up_size, curve, labels_needed, labels_needed_interval, nested_subsets
+from tasks.curve import (
+    ALL,
+    catch_up_size,
+    curve,
+    labels_needed,
+    labels_needed_interval,
+    nested_subsets,
+)
 from tasks.domain import domain, mmd_test, proxy_a_distance
+from tasks.evaluate import optional_sections
 
-from .conftest import NEWS_CSV, load_params, make_workspace, run_features, run_fetch, run_prepare, tiny_params
+from .conftest import (
+    NEWS_CSV,
+    load_params,
+    make_workspace,
+    run_features,
+    run_fetch,
+    run_prepare,
+    tiny_params,
+)
 
 
 @pytest.fixture(scope="module")
@@ -100,12 +116,15 @@ def test_linear_probe_and_tfidf_points_run_no_backbone_forward_pass(featured, mo
             assert low <= p["accuracy"] <= high
     assert result["target_accuracy"] == pytest.approx(0.9 * result["full_data_accuracy"])
     assert set(result["labels_needed"]) == {"linear_probe", "tfidf"}
+    sections = optional_sections(Layout(featured))  # what evaluate adds to report.html
+    assert sections["curve"][0] == "Data-efficiency curve" and "data:image/png;base64," in sections["curve"][1]
 
 
 def test_the_curve_is_a_stub_when_off(featured):
     result = curve(load_params(featured), layout=Layout(featured))
     assert result["enabled"] is False and "curve.enabled" in result["reason"]
     assert Layout(featured).curve_plot.exists()
+    assert "curve" not in optional_sections(Layout(featured))
 
 
 def test_planted_domains_same_domain_halves_versus_separated():
