@@ -279,11 +279,13 @@ def assess(
             for name, p in predictors.items()
         }
     groups, domains = {}, {}
-    for target, columns in ((groups, group_columns), (domains, [domain_column] if domain_column else [])):
-        for column in columns:
-            if column not in test.columns:
+    # prepare carries the domain column into the splits as `domain` (groups keep their names)
+    for target, columns in ((groups, [(c, c) for c in group_columns]),
+                            (domains, [(domain_column, "domain")] if domain_column else [])):
+        for column, stored in columns:
+            if stored not in test.columns:
                 raise GraftError(f"{layout.split_file('test')}: datacard names column {column!r}, but the split lacks it")
-            target[column] = {name: group_metrics(y_test, pred[name], test[column], classes, samples=e.bootstrap_samples,
+            target[column] = {name: group_metrics(y_test, pred[name], test[stored], classes, samples=e.bootstrap_samples,
                                                   confidence=e.confidence, seed=params.seed)
                               for name in predictors}
     bias = {
