@@ -143,7 +143,7 @@ def curve_section(curve: Mapping, png: bytes | None) -> str:
     words = (f"<p>TF-IDF catches up with transfer (their intervals overlap from there on) at "
              f"<b>{html_text(curve['catch_up_size'])}</b> labels per class. Labels per class for "
              f"{_num(curve['target_accuracy'])} ({curve['target_share']:.0%} of the full-data accuracy): "
-             + "; ".join(f"{html_text(m)} {_num(n['labels_per_class'])} "
+             + "; ".join(f"{html_text(m)} {'at most ' if n.get('at_most') else ''}{_num(n['labels_per_class'])} "
                          f"{_interval(n['ci']) if n['ci'] else ''}" for m, n in need.items()) + ".</p>")
     return words + _table(["candidate", "labels per class", "labels", "seeds", "test accuracy", "interval"],
                           rows) + _img(png, "data-efficiency curve")

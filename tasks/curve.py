@@ -171,7 +171,10 @@ def curve(params: config.Params, *, layout: Layout) -> dict:
     needed = {}
     for method in ("linear_probe", "tfidf"):
         xs = [p["labels_per_class"] for p in points[method]]
-        needed[method] = {"labels_per_class": labels_needed(xs, [p["accuracy"] for p in points[method]], target),
+        accuracy = [p["accuracy"] for p in points[method]]
+        needed[method] = {"labels_per_class": labels_needed(xs, accuracy, target),
+                          # reached at the smallest size already: the number is an upper bound
+                          "at_most": bool(accuracy[0] >= target),
                           **labels_needed_interval(xs, np.array(replicates[method]), target, ev.confidence)}
     catch = catch_up_size(labels, [p["accuracy_ci"] for p in best_transfer], [p["accuracy_ci"] for p in points["tfidf"]])
     result = {
