@@ -116,6 +116,7 @@ def test_linear_probe_and_tfidf_points_run_no_backbone_forward_pass(featured, mo
             assert low <= p["accuracy"] <= high
     assert result["target_accuracy"] == pytest.approx(0.9 * result["full_data_accuracy"])
     assert set(result["labels_needed"]) == {"linear_probe", "tfidf"}
+    assert all(isinstance(n["at_most"], bool) for n in result["labels_needed"].values())
     sections = optional_sections(Layout(featured))  # what evaluate adds to report.html
     assert sections["curve"][0] == "Data-efficiency curve" and "data:image/png;base64," in sections["curve"][1]
 
