@@ -25,7 +25,7 @@ from graft.errors import ERROR_PREFIX, GraftError
 from graft.layout import Layout
 from graft.pins import experiment_pins, local_sources_inside, write_sources
 
-STAGES = ("prepare", "fetch", "features", "train", "evaluate", "register")
+STAGES = ("prepare", "fetch", "features", "curve", "domain", "train", "evaluate", "register")
 
 
 class StageFailed(GraftError):

@@ -247,6 +247,41 @@ class RegisterParams(_Section):
     promotion: PromotionParams = Field(description="When a new version becomes `champion`.")
 
 
+class CurveParams(_Section):
+    enabled: bool = Field(description="Run the data-efficiency curve (reports/curve.json); off: the stage writes a stub.")
+    sizes: list[int] = Field(min_length=1, description=(
+        "Training labels per class at each curve point (nested subsets); the whole train split is always added."))
+    seeds: int = Field(ge=1, le=50, description="Subsets drawn (seeds) at each size below `seeds_below`.")
+    seeds_below: int = Field(ge=1, description="Sizes at or above this draw one subset (seed) only.")
+    finetune_sizes: list[int] = Field(description=(
+        "Sizes (from `sizes`) at which `partial` is fine-tuned too (one seed each; each costs a training run)."))
+    target_share: float = Field(gt=0, le=1, description=(
+        "Target accuracy as a share of the best full-data accuracy; the curve reports the labels needed for it."))
+
+    @field_validator("sizes")
+    @classmethod
+    def _sizes_increase(cls, sizes: list[int]) -> list[int]:
+        if any(s < 1 for s in sizes) or sorted(set(sizes)) != sizes:
+            raise ValueError("must be positive and strictly increasing")
+        return sizes
+
+    @field_validator("finetune_sizes")
+    @classmethod
+    def _finetune_within_sizes(cls, finetune: list[int], info) -> list[int]:
+        sizes = info.data.get("sizes") or []
+        stray = [s for s in finetune if s not in sizes]
+        if stray:
+            raise ValueError(f"{stray} are not in curve.sizes {sizes}")
+        return finetune
+
+
+class DomainParams(_Section):
+    target: str | None = Field(description=(
+        "The value of data.domain_column that is the target domain (the rest is the source); null: the domain stage is off."))
+    max_rows: int = Field(ge=4, description="Train rows embedded per domain (a balanced, seeded sample).")
+    permutations: int = Field(ge=19, description="Label permutations of the MMD test.")
+
+
 # `register` (the stage's section) shadows ABCMeta.register on the class, not on instances.
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
@@ -260,6 +295,8 @@ class Params(_Section):
     evaluate: EvaluateParams = Field(description="Intervals, verdict, bias and robustness probes (evaluate).")
     gate: GateParams = Field(description="Thresholds a model must meet to be registered.")
     register: RegisterParams = Field(description="The MLflow experiment, model name, aliases (register).")
+    curve: CurveParams = Field(description="The data-efficiency curve: accuracy vs labels per class (curve).")
+    domain: DomainParams = Field(description="The gap between a source and a target domain (domain).")
 
     @field_validator("data")
     @classmethod

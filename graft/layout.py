@@ -187,6 +187,24 @@ class Layout:
         probabilities per class): what register checks the served model against."""
         return self._p("reports/test_predictions.json")
 
+    # curve (optional: a stub when curve.enabled is false)
+    @property
+    def curve_report(self) -> Path:
+        return self._p("reports/curve.json")
+
+    @property
+    def curve_plot(self) -> Path:
+        return self._p("reports/plots/curve.png")
+
+    # domain (a stub unless data.domain_column and domain.target are set)
+    @property
+    def domain_report(self) -> Path:
+        return self._p("reports/domain.json")
+
+    @property
+    def domain_plot(self) -> Path:
+        return self._p("reports/plots/domain.png")
+
     # register
     @property
     def registration(self) -> Path:

@@ -103,6 +103,65 @@ def note_png(message: str) -> bytes:
     return _png(fig)
 
 
+def curve_png(curve: Mapping) -> bytes:
+    """Test accuracy against labels per class (log scale), each point with its interval."""
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    for method, points in curve["curves"].items():
+        xs = [p["labels_per_class"] for p in points]
+        acc = np.array([p["accuracy"] for p in points])
+        ci = np.array([p["accuracy_ci"] for p in points])
+        ax.errorbar(xs, acc, yerr=[acc - ci[:, 0], ci[:, 1] - acc], marker="o", capsize=3, label=method)
+    ax.axhline(curve["target_accuracy"], color="grey", linestyle=":",
+               label=f"{curve['target_share']:.0%} of full-data accuracy")
+    ax.set_xscale("log")
+    ax.set_xlabel("training labels per class")
+    ax.set_ylabel("test accuracy")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def domain_png(domain: Mapping, projection: np.ndarray, is_target: np.ndarray) -> bytes:
+    """Proxy A-distance per layer, and a 2-D PCA projection of both domains (last layer)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.0, 3.6))
+    layers = domain["layers"]
+    pad = np.array([layer["proxy_a_distance"] for layer in layers])
+    ci = np.array([layer["proxy_a_distance_ci"] for layer in layers])
+    left.errorbar(range(len(layers)), pad, yerr=[pad - ci[:, 0], ci[:, 1] - pad], marker="o", capsize=3)
+    left.set_xlabel("layer (0: embeddings)")
+    left.set_ylabel("proxy A-distance")
+    for mask, name in ((~is_target, domain["source"]), (is_target, domain["target"])):
+        right.scatter(projection[mask, 0], projection[mask, 1], s=6, alpha=0.5, label=str(name))
+    right.set_title("PCA of the last layer")
+    right.legend(fontsize=8)
+    return _png(fig)
+
+
+def curve_section(curve: Mapping, png: bytes | None) -> str:
+    """The data-efficiency curve in a table and a plot, with the catch-up size and labels needed."""
+    need = curve["labels_needed"]
+    rows = [[m, p["size"], p["labels"], p["seeds"], p["accuracy"], _interval(p["accuracy_ci"])]
+            for m, points in curve["curves"].items() for p in points]
+    words = (f"<p>TF-IDF catches up with transfer (their intervals overlap from there on) at "
+             f"<b>{html_text(curve['catch_up_size'])}</b> labels per class. Labels per class for "
+             f"{_num(curve['target_accuracy'])} ({curve['target_share']:.0%} of the full-data accuracy): "
+             + "; ".join(f"{html_text(m)} {'at most ' if n.get('at_most') else ''}{_num(n['labels_per_class'])} "
+                         f"{_interval(n['ci']) if n['ci'] else ''}" for m, n in need.items()) + ".</p>")
+    return words + _table(["candidate", "labels per class", "labels", "seeds", "test accuracy", "interval"],
+                          rows) + _img(png, "data-efficiency curve")
+
+
+def domain_section(domain: Mapping, png: bytes | None) -> str:
+    """Proxy A-distance and MMD per layer, and source-only vs target-trained accuracy."""
+    rows = [[layer["layer"], layer["proxy_a_distance"], _interval(layer["proxy_a_distance_ci"]), layer["mmd2"],
+             _interval(layer["mmd2_ci"]), layer["mmd_p_value"]] for layer in domain["layers"]]
+    acc = domain["target_test"]
+    words = (f"<p>Source <b>{html_text(domain['source'])}</b>, target <b>{html_text(domain['target'])}</b>: "
+             + "; ".join(f"{html_text(k)} {_num(v['accuracy'])} {_interval(v['accuracy_ci'])}"
+                         for k, v in acc["candidates"].items()) + " on the target's test split.</p>")
+    return words + _table(["layer", "proxy A-distance", "interval", "MMD²", "interval", "permutation p"],
+                          rows) + _img(png, "domain gap")
+
+
 def html_text(value, limit: int | None = None) -> str:
     """Data text (articles, labels, group names) as HTML, escaped exactly once. Source texts may
     carry HTML entities of their own (the BBC corpus writes `&#163;1.8m`); they are decoded first
@@ -269,8 +328,10 @@ def _direction_cells(direction: Mapping | None) -> list:
 
 
 def render_html(*, transfer: Mapping, gate: Mapping, bias: Mapping, robustness: Mapping, datacard: Mapping,
-                plots: Mapping[str, bytes | None], sequence_length: Mapping | None = None) -> str:
-    """One self-contained page with every section of SECTIONS, in that order."""
+                plots: Mapping[str, bytes | None], sequence_length: Mapping | None = None,
+                extra: Mapping[str, tuple[str, str]] | None = None) -> str:
+    """One self-contained page with every section of SECTIONS, in that order, then `extra`
+    ({id: (title, html)}: optional stages' sections, e.g. the curve, when they ran)."""
     proposed = transfer["proposed"]
     parts: dict[str, str] = {"summary": _summary(transfer, gate, bias, robustness)}
     level = f"{round(100 * transfer.get('confidence', 0.95))}%"
@@ -334,6 +395,8 @@ def render_html(*, transfer: Mapping, gate: Mapping, bias: Mapping, robustness: 
     parts["examples"] = _examples_section(proposed, directions, rob.get(proposed, {}).get("perturbations", {}))
     body = "".join(f'<section id="{sid}"><h2>{html.escape(title)}</h2>{parts[sid]}</section>'
                    for sid, title in SECTIONS.items())
+    body += "".join(f'<section id="{sid}"><h2>{html.escape(title)}</h2>{part}</section>'
+                    for sid, (title, part) in (extra or {}).items())
     style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}"
              "#summary{background:#f6f6f6;border:1px solid #ddd;padding:.2em 1em}"

@@ -45,6 +45,8 @@ from graft.modeling import (
 from graft.report import (
     candidates_png,
     confusion_png,
+    curve_section,
+    domain_section,
     gate_failure_message,
     grouped_bars_png,
     note_png,
@@ -302,11 +304,13 @@ def assess(
             for name, p in predictors.items()
         }
     groups, domains = {}, {}
-    for target, columns in ((groups, group_columns), (domains, [domain_column] if domain_column else [])):
-        for column in columns:
-            if column not in test.columns:
+    # prepare carries the domain column into the splits as `domain` (groups keep their names)
+    for target, columns in ((groups, [(c, c) for c in group_columns]),
+                            (domains, [(domain_column, "domain")] if domain_column else [])):
+        for column, stored in columns:
+            if stored not in test.columns:
                 raise GraftError(f"{layout.split_file('test')}: datacard names column {column!r}, but the split lacks it")
-            target[column] = {name: group_metrics(y_test, pred[name], test[column], classes, samples=e.bootstrap_samples,
+            target[column] = {name: group_metrics(y_test, pred[name], test[stored], classes, samples=e.bootstrap_samples,
                                                   confidence=e.confidence, seed=params.seed)
                               for name in predictors}
     bias = {
@@ -375,6 +379,18 @@ def predictions_of(candidate: str, proba: np.ndarray, test: pd.DataFrame, classe
             "labels": [classes[i] for i in proba.argmax(1)], "probabilities": proba.tolist()}
 
 
+def optional_sections(layout: Layout) -> dict[str, tuple[str, str]]:
+    """The sections of the optional stages that ran (curve, domain): their reports, when on."""
+    sections = {}
+    for sid, title, report, plot, render in (
+            ("curve", "Data-efficiency curve", layout.curve_report, layout.curve_plot, curve_section),
+            ("domain", "Domain gap", layout.domain_report, layout.domain_plot, domain_section)):
+        found = read_json(report) if report.exists() else {}
+        if found.get("enabled"):
+            sections[sid] = (title, render(found, plot.read_bytes() if plot.exists() else None))
+    return sections
+
+
 def evaluate(params: config.Params, *, layout: Layout | None = None) -> dict:
     """Write reports/{metrics,transfer,bias,robustness,gate}.json, plots and report.html, and the
     run facts in reports/evaluate.json; return them."""
@@ -418,7 +434,7 @@ def evaluate(params: config.Params, *, layout: Layout | None = None) -> dict:
     lengths = read_json(layout.sequence_length) if layout.sequence_length.exists() else None
     atomic_write_text(layout.report_html, render_html(
         transfer=result["transfer"], gate=result["gate"], bias=result["bias"], robustness=result["robustness"],
-        datacard=card, sequence_length=lengths,
+        datacard=card, sequence_length=lengths, extra=optional_sections(layout),
         plots={**images, "token_lengths": token_lengths_png(lengths) if lengths else None}))
     # run facts go to a report no stage depends on: register reads the reports above, and must
     # find them unchanged when the same models are evaluated again

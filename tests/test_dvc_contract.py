@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -24,7 +25,7 @@ from graft.layout import SPLITS
 
 from .conftest import REPO, make_workspace, pin_sources, tiny_params
 
-STAGES = ("prepare", "fetch", "features", "train", "evaluate", "register")
+STAGES = ("prepare", "fetch", "features", "curve", "domain", "train", "evaluate", "register")
 # What a stage may touch without declaring it: tracking stores and DVC's own files.
 UNDECLARED_OK = ("mlruns.db", "mlartifacts", ".dvc", ".git", "params.yaml",
                  # train's resume state: deliberately not a dependency (a checkpoint is used only
@@ -158,6 +159,15 @@ def traced(tmp_path_factory, tiny_model_dir) -> dict:
     """Each stage run once in a tiny workspace, in pipeline order, with its reads recorded."""
     params = tiny_params(tiny_model_dir)
     params["data"]["group_columns"] = ["region"]  # evaluate's per-group branch writes too
+    # the optional stages on, so they read every param they declare: a fine-tuned curve point and
+    # a second domain (a column of its own: region is a group column)
+    params["curve"].update(enabled=True, sizes=[2, 4], seeds=2, seeds_below=4, finetune_sizes=[2])
+    frame = pd.read_csv(params["data"]["source"])
+    frame["site"] = ["a", "b"] * (len(frame) // 2)
+    source = tmp_path_factory.mktemp("contract-data") / "news_sites.csv"
+    frame.to_csv(source, index=False)
+    params["data"].update(source=str(source), domain_column="site")
+    params["domain"].update(target="b", permutations=19)
     root = make_workspace(tmp_path_factory.mktemp("contract") / "ws", params)
     pin_sources(root)
     script = root.parent / "recorder.py"

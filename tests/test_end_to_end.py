@@ -34,7 +34,8 @@ def test_default_backbone_and_corpus_end_to_end(tmp_path: Path, monkeypatch):
 
     with prefect_test_harness(server_startup_timeout=120):
         summary = pipeline(root=str(root))
-    assert [r["stage"] for r in summary] == ["prepare", "fetch", "features", "train", "evaluate", "register", "push"]
+    assert [r["stage"] for r in summary] == ["prepare", "fetch", "features", "curve", "domain", "train", "evaluate",
+                                              "register", "push"]
 
     card = read_json(root / "data/prepared/datacard.json")
     assert card["classes"] == ["business", "entertainment", "politics", "sports", "tech"]
