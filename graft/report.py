@@ -22,6 +22,7 @@ from graft.stats import verdict_sentence  # noqa: E402
 SECTIONS = {
     "summary": "Summary",
     "candidates": "Candidates",
+    "adaptation": "Domain adaptation",
     "confusion": "Confusion matrix",
     "groups": "Per-group metrics",
     "counterfactual": "Counterfactual probes",
@@ -252,7 +253,7 @@ def _direction_cells(direction: Mapping | None) -> list:
 
 
 def render_html(*, transfer: Mapping, gate: Mapping, bias: Mapping, robustness: Mapping, datacard: Mapping,
-                plots: Mapping[str, bytes | None]) -> str:
+                plots: Mapping[str, bytes | None], adaptation: Mapping | None = None) -> str:
     """One self-contained page with every section of SECTIONS, in that order."""
     proposed = transfer["proposed"]
     parts: dict[str, str] = {"summary": _summary(transfer, gate, bias, robustness)}
@@ -262,6 +263,7 @@ def render_html(*, transfer: Mapping, gate: Mapping, bias: Mapping, robustness: 
         [[n, c["role"], c["test"]["accuracy"], _interval(c["test"]["accuracy_ci"]),
           c["test"]["macro_f1"], _interval(c["test"]["macro_f1_ci"])]
          for n, c in transfer["candidates"].items()]) + _img(plots.get("candidates"), "candidates")
+    parts["adaptation"] = _adaptation_section(adaptation or {}, level)
     parts["confusion"] = _img(plots.get("confusion"), "confusion matrix")
     if bias.get("groups"):
         rows = []
@@ -324,6 +326,17 @@ def render_html(*, transfer: Mapping, gate: Mapping, bias: Mapping, robustness: 
              "summary{cursor:pointer;margin:.3em 0}img{max-width:100%}.examples{font-size:12px}")
     return (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>graft evaluation report</title>"
             f"<style>{style}</style></head><body><h1>graft evaluation report</h1>{body}</body></html>\n")
+
+
+def _adaptation_section(adaptation: Mapping, level: str) -> str:
+    """Each adaptation method against the same strategy without adapting (reports/adaptation.json)."""
+    methods = adaptation.get("methods", {})
+    if not methods:
+        return "<p>No domain adaptation (<code>adapt.methods</code> is empty).</p>"
+    return _table(["candidate", "method", "against", "verdict", "margin (points)", f"margin {level} interval",
+                   "McNemar p"],
+                  [[n, m["method"], m["reference"], m["verdict"], m["margin_points"], _interval(m["margin_ci"]),
+                    m["test"]["p_value"]] for n, m in methods.items()])
 
 
 def _examples_section(proposed: str, directions: Sequence[Mapping], perturbations: Mapping[str, Mapping]) -> str:

@@ -191,10 +191,29 @@ def load_candidates(layout: Layout, params: config.Params, *, splits: Mapping[st
     return predictors, manifest, scorers
 
 
+def adaptation_verdicts(y_test: np.ndarray, pred: Mapping[str, np.ndarray], adaptations: Mapping[str, Mapping],
+                        resamples: np.ndarray, *, confidence: float, alpha: float) -> dict:
+    """Each adaptation candidate against its reference, the same strategy without adapting: the
+    transfer verdict's paired test (exact McNemar) and paired-bootstrap interval of the margin
+    (in the test record, `transferred` is the adapted candidate, `baseline` the reference)."""
+    methods = {}
+    for name, adaptation in adaptations.items():
+        reference = adaptation["reference"]
+        verdict = transfer_verdict(y_test, pred[name], {reference: pred[reference]}, resamples,
+                                   confidence=confidence, alpha=alpha)
+        verdict.pop("best_baseline")
+        verdict.pop("negative_transfer")
+        methods[name] = {"method": adaptation["method"], "reference": reference, **verdict}
+    return {"methods": methods, "confidence": confidence,
+            "note": "each method against the same strategy trained from the pretrained backbone on the same labels"}
+
+
 def gate(params: config.GateParams, *, metrics: Mapping, verdict: Mapping, group_gap: float | None,
-         counterfactual_flip_rate: float | None, robustness_flip_rate: float | None) -> dict:
+         counterfactual_flip_rate: float | None, robustness_flip_rate: float | None,
+         adaptation: Mapping | None = None) -> dict:
     """One check per threshold, each {name, value, threshold, passed}; a measure that could not be
-    taken (no group columns, no probe texts) passes with value None."""
+    taken (no group columns, no probe texts) passes with value None. Each adaptation method gets
+    a check of its verdict against not adapting."""
     def upper(name: str, value: float | None, threshold: float) -> dict:
         return {"name": name, "value": value, "threshold": threshold, "passed": value is None or value <= threshold}
 
@@ -211,6 +230,10 @@ def gate(params: config.GateParams, *, metrics: Mapping, verdict: Mapping, group
         upper("max_counterfactual_flip_rate", counterfactual_flip_rate, params.max_counterfactual_flip_rate),
         upper("max_robustness_flip_rate", robustness_flip_rate, params.max_robustness_flip_rate),
     ]
+    for name, m in (adaptation or {}).get("methods", {}).items():
+        checks.append({"name": f"adaptation_verdict:{name}", "value": m["verdict"],
+                       "threshold": params.required_adaptation_verdict,
+                       "passed": VERDICT_RANK[m["verdict"]] >= REQUIRED_RANK[params.required_adaptation_verdict]})
     return {"passed": all(c["passed"] for c in checks), "checks": checks}
 
 
@@ -224,12 +247,14 @@ def assess(
     train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, classes: list[str], group_columns: Sequence[str],
     domain_column: str | None = None, proposed: str = PROPOSED, transferred: Sequence[str] = (PROPOSED,),
     visible: Callable[[Sequence[str], Sequence[str]], np.ndarray] | None = None,
+    adaptations: Mapping[str, Mapping] | None = None,
 ) -> dict:
     """Everything evaluate reports, from predictors and data frames (no model files): tests call it
     with planted models. `proposed` is the candidate train chose on validation; `transferred` names
     every candidate that starts from the pretrained backbone. `visible(originals, edited)` says
     which edits change what the transformer models see (counterfactual swaps past the
-    truncation point are left out)."""
+    truncation point are left out). `adaptations` names each adaptation candidate's method and
+    reference (the same strategy, not adapted)."""
     e, n_classes = params.evaluate, len(classes)
     predictors = {name: cached(p) for name, p in predictors.items()}
     test_texts, val_texts = test["text"].tolist(), val["text"].tolist()
@@ -249,6 +274,7 @@ def assess(
     verdict = transfer_verdict(y_test, pred[proposed], {b: pred[b] for b in BASELINES if b in pred}, resamples,
                                confidence=e.confidence, alpha=e.alpha)
     transfer = {"proposed": proposed, "candidates": candidates, "confidence": e.confidence, **verdict}
+    adaptation = adaptation_verdicts(y_test, pred, adaptations or {}, resamples, confidence=e.confidence, alpha=e.alpha)
     metrics = {"model": proposed}
     for split, y, texts in (("test", y_test, test_texts), ("val", y_val, val_texts)):
         p = predictors[proposed](texts).argmax(1)
@@ -311,10 +337,11 @@ def assess(
     result_gate = gate(params.gate, metrics=metrics["test"], verdict=verdict,
                        group_gap=max(group_gaps) if group_gaps else None,
                        counterfactual_flip_rate=counterfactual[proposed]["max_flip_rate"],
-                       robustness_flip_rate=robustness["candidates"][proposed]["max_flip_rate"])
+                       robustness_flip_rate=robustness["candidates"][proposed]["max_flip_rate"], adaptation=adaptation)
     metrics["probes"] = {"counterfactual_max_flip_rate": counterfactual[proposed]["max_flip_rate"],
                          "robustness_max_flip_rate": robustness["candidates"][proposed]["max_flip_rate"]}
-    return {"proposed": proposed, "metrics": metrics, "transfer": transfer, "bias": bias, "robustness": robustness, "gate": result_gate,
+    return {"proposed": proposed, "metrics": metrics, "transfer": transfer, "bias": bias, "robustness": robustness,
+            "gate": result_gate, "adaptation": adaptation,
             "predictions": pred, "y_test": y_test, "proposed_test_proba": proba[proposed]}
 
 
@@ -371,10 +398,11 @@ def evaluate(params: config.Params, *, layout: Layout | None = None) -> dict:
         if missing:
             raise GraftError(f"{layout.split_file(name)}: missing column(s) {sorted(missing)}")
     predictors, manifest, scorers = load_candidates(layout, params, splits=splits, n_classes=len(classes))
-    transferred = [n for n, c in manifest["candidates"].items() if c["role"] == "transfer"]
+    transferred = [n for n, c in manifest["candidates"].items() if c["role"] in ("transfer", "adaptation")]
+    adaptations = {n: c for n, c in manifest["candidates"].items() if c["role"] == "adaptation"}
     result = assess(predictors, params=params, layout=layout, **splits, classes=classes,
                     group_columns=group_columns, domain_column=domain_column, proposed=manifest["proposed"],
-                    transferred=transferred, visible=scorers[BACKBONE_PROBE].changed)
+                    transferred=transferred, visible=scorers[BACKBONE_PROBE].changed, adaptations=adaptations)
     images = plots(result, classes)
     for name, png in images.items():
         with atomic_path(layout.plots_dir / f"{name}.png") as tmp:
@@ -389,9 +417,10 @@ def evaluate(params: config.Params, *, layout: Layout | None = None) -> dict:
     write_json(layout.bias, result["bias"])
     write_json(layout.robustness, result["robustness"])
     write_json(layout.gate, result["gate"])
+    write_json(layout.adaptation, result["adaptation"])
     atomic_write_text(layout.report_html, render_html(
         transfer=result["transfer"], gate=result["gate"], bias=result["bias"], robustness=result["robustness"],
-        datacard=card, plots=images))
+        datacard=card, plots=images, adaptation=result["adaptation"]))
     # run facts go to a report no stage depends on: register reads the reports above, and must
     # find them unchanged when the same models are evaluated again
     result["run_facts"] = {"seconds": round(time.perf_counter() - started, 2),
@@ -424,6 +453,10 @@ def main() -> None:
     result = evaluate(config.load())
     for line in _summary_lines(result):
         print(line)  # noqa: T201
+    for name, m in result["adaptation"]["methods"].items():
+        low, high = (100 * x for x in m["margin_ci"])
+        print(f"evaluate: adaptation {name}: {m['verdict']} against {m['reference']}, "  # noqa: T201
+              f"{m['margin_points']:+.2f} points [{low:+.2f}, {high:+.2f}], McNemar p={m['test']['p_value']:.3g}")
     print(closing_line(result["transfer"], result["gate"]))  # noqa: T201
 
 

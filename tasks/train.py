@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from graft import config
+from graft.adaptation import self_train_probe
 from graft.baselines import fit_tfidf, save_tfidf
 from graft.errors import exits_cleanly
 from graft.files import atomic_path, read_json, sha256_file, write_json
@@ -28,6 +29,7 @@ from graft.layout import Layout, require
 from graft.modeling import (
     PROBE_HEAD_FILE,
     build_classifier,
+    embed,
     load_encoder,
     load_tokenizer,
     save_probe_classifier,
@@ -63,8 +65,12 @@ def _settings(params: config.Params, *, lr: float, epochs: int) -> FitSettings:
 
 
 def train_transformer(params: config.Params, strategy: str, *, classes: list[str], data: dict, layout: Layout,
-                      device: torch.device, data_digest: str) -> tuple[torch.nn.Module, dict]:
-    """Build, adapt, fit and describe one transformer candidate (`scratch` included)."""
+                      device: torch.device, data_digest: str, backbone_dir: Path | None = None,
+                      name: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """Build, adapt, fit and describe one transformer candidate (`scratch` included), from the
+    fetched backbone or `backbone_dir` (the MLM-adapted one); `name` is the candidate's."""
+    backbone_dir = backbone_dir or layout.pretrained_dir
+    name = name or strategy
     t = params.train
     trust = params.model.trust_remote_code
     lr, epochs, freeze = {
@@ -76,18 +82,19 @@ def train_transformer(params: config.Params, strategy: str, *, classes: list[str
     tokenizer = load_tokenizer(layout.pretrained_dir, trust_remote_code=trust)
     # Seed right before building, so the new head's (and adapters') init is the same whatever ran before.
     seed_everything(params.seed)
-    model = build_classifier(layout.pretrained_dir, classes=classes, from_scratch=strategy == "scratch",
-                             trust_remote_code=trust, name=strategy)
+    model = build_classifier(backbone_dir, classes=classes, from_scratch=strategy == "scratch",
+                             trust_remote_code=trust, name=name)
     lora = {"r": t.lora.r, "alpha": t.lora.alpha, "dropout": t.lora.dropout}
     model, frozen, groups = prepare_strategy(model, strategy, freeze_layers=freeze, lr=lr, weight_decay=t.weight_decay,
                                              layer_decay=t.full.layer_decay, lora=lora)
     settings = _settings(params, lr=lr, epochs=epochs)
     _, world = dist_env()
     # the backbone by content (its manifest), not by name: a resume must see the same weights
-    fingerprint = fingerprint_of(strategy, t.model_dump(), params.model.max_length, params.model.trust_remote_code,
-                                 sha256_file(layout.manifest), params.seed, world, data_digest)
+    weights = layout.manifest if backbone_dir == layout.pretrained_dir else Path(backbone_dir) / "model.safetensors"
+    fingerprint = fingerprint_of(name, t.model_dump(), params.model.max_length, params.model.trust_remote_code,
+                                 sha256_file(weights), params.seed, world, data_digest)
     result = fit(model, tokenizer, **data, settings=settings, param_groups=groups, device=device, freeze_layers=frozen,
-                 checkpoint_dir=checkpoints_dir(layout) / strategy, fingerprint=fingerprint, desc=strategy)
+                 checkpoint_dir=checkpoints_dir(layout) / name, fingerprint=fingerprint, desc=name)
     val_proba = result.pop("val_proba")
     trainable = sum(p.numel() for g in groups for p in g["params"])
     if strategy == "lora":
@@ -95,7 +102,7 @@ def train_transformer(params: config.Params, strategy: str, *, classes: list[str
     state = {
         **result,
         "strategy": strategy,
-        "init": "random" if strategy == "scratch" else "pretrained",
+        "init": "random" if strategy == "scratch" else "pretrained" if backbone_dir == layout.pretrained_dir else "adapted",
         "freeze_layers": frozen,
         "trainable_parameters": trainable,
         "total_parameters": int(sum(p.numel() for p in model.parameters())),
@@ -106,20 +113,40 @@ def train_transformer(params: config.Params, strategy: str, *, classes: list[str
     return model.cpu(), state, val_proba
 
 
-def train_probe(params: config.Params, *, classes: list[str], data: dict, layout: Layout, out_dir: Path) -> dict:
-    """The linear probe on the features stage's embeddings: no backbone forward pass at all."""
-    require(layout.features_file("train"), layout.features_file("val"), root=layout.root)
-    train_x, val_x = np.load(layout.features_file("train")), np.load(layout.features_file("val"))
-    weight, bias, facts = train_linear_probe(train_x, data["train_labels"], val_x, data["val_labels"],
-                                             C=params.train.probe.C, seed=params.seed)
+def train_probe(params: config.Params, *, classes: list[str], data: dict, layout: Layout, out_dir: Path,
+                method: str | None = None, device: torch.device | None = None,
+                self_training: config.SelfTrainingParams | None = None, embed_batch_size: int = 64) -> dict:
+    """The linear probe on the features stage's embeddings: no backbone forward pass at all.
+    `method` mlm: on the MLM-adapted backbone's embeddings (computed here); self_training: on
+    the cached embeddings, with pseudo-labels of the unlabelled texts (threshold and rounds
+    chosen on validation)."""
     trust = params.model.trust_remote_code
-    tokenizer = load_tokenizer(layout.pretrained_dir, trust_remote_code=trust)
+    backbone_dir = layout.adapted_dir if method == "mlm" else layout.pretrained_dir
+    if method == "mlm":
+        encoder, tokenizer = load_encoder(backbone_dir, trust_remote_code=trust), load_tokenizer(backbone_dir, trust_remote_code=trust)
+        train_x, val_x = (embed(encoder, tokenizer, data[f"{split}_texts"], max_length=params.model.max_length,
+                                batch_size=embed_batch_size, device=device or torch.device("cpu"),
+                                desc=f"embed {split} (adapted)") for split in ("train", "val"))
+    else:
+        require(layout.features_file("train"), layout.features_file("val"), root=layout.root)
+        train_x, val_x = np.load(layout.features_file("train")), np.load(layout.features_file("val"))
+    if method == "self_training":
+        require(layout.unlabelled_features, root=layout.root)
+        st = self_training
+        weight, bias, facts = self_train_probe(train_x, data["train_labels"], val_x, data["val_labels"],
+                                               np.load(layout.unlabelled_features), thresholds=st.thresholds,
+                                               max_rounds=st.max_rounds, C=params.train.probe.C, seed=params.seed)
+    else:
+        weight, bias, facts = train_linear_probe(train_x, data["train_labels"], val_x, data["val_labels"],
+                                                 C=params.train.probe.C, seed=params.seed)
+    tokenizer = load_tokenizer(backbone_dir, trust_remote_code=trust)
     serving = describe(labels=classes, max_length=params.model.max_length, tokenizer=tokenizer, head=LINEAR_PROBE,
                        head_file=PROBE_HEAD_FILE)
-    save_probe_classifier(load_encoder(layout.pretrained_dir, trust_remote_code=trust), tokenizer,
+    save_probe_classifier(load_encoder(backbone_dir, trust_remote_code=trust), tokenizer,
                           weight, bias, classes=classes, out_dir=out_dir,
                           also_write=lambda folder: write_description(folder, serving))
-    state = {**facts, "strategy": "linear_probe", "init": "pretrained", "pooling": "mean",
+    state = {**facts, "strategy": "linear_probe", "init": "adapted" if method == "mlm" else "pretrained",
+             "pooling": "mean", **({"adaptation": method} if method else {}),
              "trainable_parameters": int(weight.size + bias.size), "seed": params.seed}
     write_training_state(out_dir / TRAINING_STATE, state)
     return state
@@ -174,6 +201,26 @@ def train(params: config.Params, *, layout: Layout | None = None) -> dict:
                 # line resumes a finished run, which only saves the model again)
                 shutil.rmtree(checkpoints_dir(layout) / strategy, ignore_errors=True)
         candidates[strategy] = {**_candidate("transformer", out_dir, layout, state), "role": kind} if rank == 0 else {}
+    # read whether or not anything is adapted: dvc.yaml lists them, so changing them re-runs train
+    adapt, embed_batch_size = params.adapt, params.features.batch_size
+    plan = [(method, "linear_probe" if method == "self_training" else adapt.strategy) for method in adapt.methods]
+    self_training = adapt.self_training
+    for method, strategy in plan:
+        name, out_dir = adaptation_candidate(strategy, method), layout.finetuned_dir / adaptation_candidate(strategy, method)
+        if strategy == "linear_probe":
+            state = train_probe(params, classes=classes, data=data, layout=layout, out_dir=out_dir, method=method,
+                                device=device, self_training=self_training,
+                                embed_batch_size=embed_batch_size) if rank == 0 else {}
+        else:
+            model, state, val_proba[name] = train_transformer(params, strategy, classes=classes, data=data, layout=layout,
+                                                              device=device, data_digest=data_digest,
+                                                              backbone_dir=layout.adapted_dir, name=name)
+            if rank == 0:
+                save_transformer(model, tokenizer, out_dir, {**state, "adaptation": method},
+                                 max_length=params.model.max_length)
+                shutil.rmtree(checkpoints_dir(layout) / name, ignore_errors=True)
+        candidates[name] = ({**_candidate("transformer", out_dir, layout, state), "role": "adaptation",
+                             "method": method, "reference": strategy} if rank == 0 else {})
     if rank == 0:
         t = params.train.tfidf
         pipeline = fit_tfidf(data["train_texts"], data["train_labels"], ngram_max=t.ngram_max, C=t.C, seed=params.seed)
@@ -186,18 +233,25 @@ def train(params: config.Params, *, layout: Layout | None = None) -> dict:
         dist.barrier()
     if rank != 0:
         return {}
-    # The proposal is made on validation only; ties go to the strategy listed first.
-    transfer = [s for s in params.train.strategies]
+    # The proposal is made on validation only; ties go to the strategy listed first, then to
+    # not adapting (adaptation candidates come after every strategy).
+    transfer = [*params.train.strategies, *(n for n, c in candidates.items() if c.get("role") == "adaptation")]
     proposed = max(transfer, key=lambda s: (candidates[s]["best_val_accuracy"], -transfer.index(s)))
     report = {"device": device.type, "world_size": world, "torch": torch.__version__, "classes": classes,
               "candidates": candidates, "proposed": proposed}
-    write_candidates(layout, params.train.strategies, candidates, proposed, classes)
+    write_candidates(layout, transfer, candidates, proposed, classes)
     write_val_predictions(layout, val_df["id"].astype(str).to_numpy(), val_proba)
     write_json(layout.train_report, report)
     return report
 
 
 MANIFEST_KEYS = ("kind", "path", "strategy", "role", "best_val_accuracy", "best_epoch")
+ADAPTATION_KEYS = ("method", "reference")
+
+
+def adaptation_candidate(strategy: str, method: str) -> str:
+    """The candidate `strategy` trained with adaptation `method`, e.g. linear_probe_mlm."""
+    return f"{strategy}_{method}"
 
 
 def write_candidates(layout: Layout, strategies: list[str], candidates: dict, proposed: str, classes: list[str]) -> None:
@@ -207,7 +261,8 @@ def write_candidates(layout: Layout, strategies: list[str], candidates: dict, pr
         if folder.is_dir() and folder.name not in strategies:
             shutil.rmtree(folder)
     manifest = {"classes": classes, "proposed": proposed,
-                "candidates": {name: {k: c.get(k) for k in MANIFEST_KEYS} for name, c in candidates.items()}}
+                "candidates": {name: {**{k: c.get(k) for k in MANIFEST_KEYS}, **{k: c[k] for k in ADAPTATION_KEYS if k in c}}
+                                for name, c in candidates.items()}}
     write_json(layout.candidates, manifest)
 
 
