@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.special import softmax
+from tqdm.auto import tqdm
 from transformers import (
     AutoModel,
     AutoModelForMaskedLM,
@@ -61,9 +62,10 @@ def mlm_pretrain(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, tex
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, epochs * len(batches))
     losses, started = [], time.perf_counter()
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
         total = 0.0
-        for b in torch.randperm(len(batches), generator=generator).tolist():
+        order = torch.randperm(len(batches), generator=generator).tolist()
+        for b in tqdm(order, desc=f"masked-LM epoch {epoch}/{epochs}", unit="step", mininterval=1.0, leave=False):
             batch = tokenizer.pad({"input_ids": [ids[i] for i in batches[b]]}, return_tensors="pt")
             special = torch.tensor([tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True)
                                     for row in batch["input_ids"].tolist()], dtype=torch.bool)

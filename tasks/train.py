@@ -115,7 +115,7 @@ def train_transformer(params: config.Params, strategy: str, *, classes: list[str
 
 def train_probe(params: config.Params, *, classes: list[str], data: dict, layout: Layout, out_dir: Path,
                 method: str | None = None, device: torch.device | None = None,
-                self_training: config.SelfTrainingParams | None = None, embed_batch_size: int = 64) -> dict:
+                self_training: dict | None = None, embed_batch_size: int = 64) -> dict:
     """The linear probe on the features stage's embeddings: no backbone forward pass at all.
     `method` mlm: on the MLM-adapted backbone's embeddings (computed here); self_training: on
     the cached embeddings, with pseudo-labels of the unlabelled texts (threshold and rounds
@@ -132,10 +132,9 @@ def train_probe(params: config.Params, *, classes: list[str], data: dict, layout
         train_x, val_x = np.load(layout.features_file("train")), np.load(layout.features_file("val"))
     if method == "self_training":
         require(layout.unlabelled_features, root=layout.root)
-        st = self_training
         weight, bias, facts = self_train_probe(train_x, data["train_labels"], val_x, data["val_labels"],
-                                               np.load(layout.unlabelled_features), thresholds=st.thresholds,
-                                               max_rounds=st.max_rounds, C=params.train.probe.C, seed=params.seed)
+                                               np.load(layout.unlabelled_features), **self_training,
+                                               C=params.train.probe.C, seed=params.seed)
     else:
         weight, bias, facts = train_linear_probe(train_x, data["train_labels"], val_x, data["val_labels"],
                                                  C=params.train.probe.C, seed=params.seed)
@@ -203,13 +202,14 @@ def train(params: config.Params, *, layout: Layout | None = None) -> dict:
         candidates[strategy] = {**_candidate("transformer", out_dir, layout, state), "role": kind} if rank == 0 else {}
     # read whether or not anything is adapted: dvc.yaml lists them, so changing them re-runs train
     adapt, embed_batch_size = params.adapt, params.features.batch_size
-    plan = [(method, "linear_probe" if method == "self_training" else adapt.strategy) for method in adapt.methods]
-    self_training = adapt.self_training
+    mlm_strategy, self_training = adapt.strategy, adapt.self_training
+    self_training_grid = {"thresholds": self_training.thresholds, "max_rounds": self_training.max_rounds}
+    plan = [(method, "linear_probe" if method == "self_training" else mlm_strategy) for method in adapt.methods]
     for method, strategy in plan:
         name, out_dir = adaptation_candidate(strategy, method), layout.finetuned_dir / adaptation_candidate(strategy, method)
         if strategy == "linear_probe":
             state = train_probe(params, classes=classes, data=data, layout=layout, out_dir=out_dir, method=method,
-                                device=device, self_training=self_training,
+                                device=device, self_training=self_training_grid,
                                 embed_batch_size=embed_batch_size) if rank == 0 else {}
         else:
             model, state, val_proba[name] = train_transformer(params, strategy, classes=classes, data=data, layout=layout,
