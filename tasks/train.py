@@ -23,7 +23,7 @@ import torch.distributed as dist
 from graft import config
 from graft.adaptation import self_train_probe
 from graft.baselines import fit_tfidf, save_tfidf
-from graft.errors import exits_cleanly
+from graft.errors import GraftError, exits_cleanly
 from graft.files import atomic_path, read_json, sha256_file, write_json
 from graft.layout import Layout, require
 from graft.modeling import (
@@ -205,6 +205,11 @@ def train(params: config.Params, *, layout: Layout | None = None) -> dict:
     mlm_strategy, self_training = adapt.strategy, adapt.self_training
     self_training_grid = {"thresholds": self_training.thresholds, "max_rounds": self_training.max_rounds}
     plan = [(method, "linear_probe" if method == "self_training" else mlm_strategy) for method in adapt.methods]
+    # the adapt stage's note says what models/adapted holds: an MLM candidate needs its backbone
+    adapted = read_json(layout.adapted_state) if layout.adapted_state.exists() else {}
+    if "mlm" in adapt.methods and adapted.get("method") != "mlm":
+        raise GraftError(f"{layout.adapted_state}: no masked-LM-adapted backbone (adapt.methods has mlm); "
+                         "run the 'adapt' stage first (graft stage adapt)")
     for method, strategy in plan:
         name, out_dir = adaptation_candidate(strategy, method), layout.finetuned_dir / adaptation_candidate(strategy, method)
         if strategy == "linear_probe":

@@ -24,7 +24,7 @@ from graft.layout import SPLITS
 
 from .conftest import REPO, make_workspace, pin_sources, tiny_params
 
-STAGES = ("prepare", "fetch", "features", "train", "evaluate", "register")
+STAGES = ("prepare", "fetch", "features", "adapt", "train", "evaluate", "register")
 # What a stage may touch without declaring it: tracking stores and DVC's own files.
 UNDECLARED_OK = ("mlruns.db", "mlartifacts", ".dvc", ".git", "params.yaml",
                  # train's resume state: deliberately not a dependency (a checkpoint is used only
@@ -158,7 +158,14 @@ def traced(tmp_path_factory, tiny_model_dir) -> dict:
     """Each stage run once in a tiny workspace, in pipeline order, with its reads recorded."""
     params = tiny_params(tiny_model_dir)
     params["data"]["group_columns"] = ["region"]  # evaluate's per-group branch writes too
-    root = make_workspace(tmp_path_factory.mktemp("contract") / "ws", params)
+    # adaptation on, so adapt and train read everything dvc.yaml lists for them
+    base = tmp_path_factory.mktemp("contract")
+    unlabelled = base / "unlabelled.csv"
+    unlabelled.write_text("text\nnew words about the kitchen bread today.\nthe match team won the phone cloud.\n")
+    params["data"]["unlabelled_source"] = str(unlabelled)
+    params["adapt"]["methods"] = ["mlm", "self_training"]
+    params["adapt"]["mlm"]["batch_size"] = 8
+    root = make_workspace(base / "ws", params)
     pin_sources(root)
     script = root.parent / "recorder.py"
     script.write_text(RECORDER)
