@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML
 
 from graft.errors import GraftError
@@ -52,6 +52,10 @@ class DataParams(_Section):
     train_size: int = Field(gt=0, description="Labelled training rows (stratified).")
     val_size: int = Field(gt=0, description="Validation rows, used to pick checkpoints.")
     test_size: int | None = Field(gt=0, description="Test rows; null takes every remaining row.")
+    unlabelled_source: str | None = Field(description=(
+        "Unlabelled target-domain text for domain adaptation (same readers as `source`; only "
+        "`text_column` is read, labels are ignored); null: none."))
+    unlabelled_revision: str | None = Field(description="Hub revision for an `hf:` unlabelled_source.")
 
     @field_validator("encoding_fallback")
     @classmethod
@@ -195,6 +199,53 @@ class TrainParams(_Section):
         return strategies
 
 
+class MlmParams(_Section):
+    epochs: int = Field(gt=0, le=100, description="Passes of masked-LM continued pretraining over the texts.")
+    lr: float = Field(gt=0, description="AdamW learning rate of masked-LM pretraining.")
+    mask_probability: float = Field(gt=0, lt=1, description="Share of tokens masked (BERT: 0.15).")
+    max_texts: int = Field(gt=0, description="Most unlabelled texts used (a seeded sample), before the train texts are added.")
+    batch_size: int = Field(gt=0, description="Texts per masked-LM step.")
+
+
+class SelfTrainingParams(_Section):
+    thresholds: list[float] = Field(min_length=1, description=(
+        "Confidences above which a pseudo-label is kept; the best on validation is chosen."))
+    max_rounds: int = Field(gt=0, le=10, description="Most pseudo-labelling rounds; the best round on validation is chosen.")
+
+    @field_validator("thresholds")
+    @classmethod
+    def _probabilities(cls, thresholds: list[float]) -> list[float]:
+        if any(not 0 < t < 1 for t in thresholds):
+            raise ValueError("every threshold must lie strictly between 0 and 1")
+        return thresholds
+
+
+class AdaptParams(_Section):
+    methods: list[Literal["mlm", "self_training"]] = Field(description=(
+        "Domain adaptation on data.unlabelled_source, each an extra candidate with its own verdict "
+        "against not adapting: mlm (continued masked-LM pretraining, the adapt stage), self_training "
+        "(pseudo-labels, on the linear probe). Empty: off."))
+    strategy: str = Field(description=(
+        "Strategy fine-tuned from the MLM-adapted backbone; the same strategy from the pretrained "
+        "backbone (it must be in train.strategies) is the reference of the verdict."))
+    mlm: MlmParams = Field(description="Masked-LM continued pretraining (the adapt stage).")
+    self_training: SelfTrainingParams = Field(description="Self-training of the linear probe (train).")
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, strategy: str) -> str:
+        if strategy not in TRANSFER_STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; choose from {list(TRANSFER_STRATEGIES)}")
+        return strategy
+
+    @field_validator("methods")
+    @classmethod
+    def _once(cls, methods: list[str]) -> list[str]:
+        if len(set(methods)) != len(methods):
+            raise ValueError("methods are listed more than once")
+        return methods
+
+
 class EvaluateParams(_Section):
     bootstrap_samples: int = Field(ge=100, description="Resamples for confidence intervals.")
     confidence: float = Field(gt=0.5, lt=1, description="Confidence level of the intervals.")
@@ -230,6 +281,8 @@ class GateParams(_Section):
     max_counterfactual_flip_rate: float = Field(ge=0, le=1,
                                                 description="Largest flip rate of any identity axis.")
     max_robustness_flip_rate: float = Field(ge=0, le=1, description="Largest flip rate of any perturbation.")
+    required_adaptation_verdict: Literal["positive", "no_gain", "any"] = Field(
+        description="Weakest verdict each adaptation method (adapt.methods) must reach against not adapting.")
 
 
 class PromotionParams(_Section):
@@ -292,6 +345,7 @@ class Params(_Section):
     model: ModelParams = Field(description="The pretrained backbone (fetch) and its tokenization.")
     features: FeatureParams = Field(description="Frozen-backbone embeddings and transferability (features).")
     train: TrainParams = Field(description="Transfer strategies and baselines (train).")
+    adapt: AdaptParams = Field(description="Domain adaptation on unlabelled target text (adapt, train).")
     evaluate: EvaluateParams = Field(description="Intervals, verdict, bias and robustness probes (evaluate).")
     gate: GateParams = Field(description="Thresholds a model must meet to be registered.")
     register: RegisterParams = Field(description="The MLflow experiment, model name, aliases (register).")
@@ -307,6 +361,23 @@ class Params(_Section):
         if repeated:
             raise ValueError(f"a column may play one role only; {repeated} named more than once")
         return data
+
+    @model_validator(mode="after")
+    def _adaptation_has_what_it_needs(self) -> Params:
+        methods, problems = self.adapt.methods, []
+        if methods and self.data.unlabelled_source is None:
+            problems.append(f"adapt.methods {methods} need unlabelled text: set data.unlabelled_source")
+        if "mlm" in methods and self.adapt.strategy not in self.train.strategies:
+            problems.append(f"adapt.strategy {self.adapt.strategy!r} must be in train.strategies "
+                            "(trained from the pretrained backbone, it is the reference of the mlm verdict)")
+        if "self_training" in methods and "linear_probe" not in self.train.strategies:
+            problems.append("adapt.methods self_training adapts the linear probe: add linear_probe to train.strategies")
+        if self.gate.required_adaptation_verdict != "any" and not methods:
+            problems.append(f"gate.required_adaptation_verdict={self.gate.required_adaptation_verdict!r} "
+                            "needs adapt.methods (nothing is adapted)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

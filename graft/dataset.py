@@ -236,3 +236,41 @@ def diff_rows(old: pd.DataFrame, new: pd.DataFrame) -> dict:
         "relabelled": int(len(relabelled)),
         "relabelled_ids": sorted(map(str, relabelled))[:20],
     }
+
+
+def _normalised(text: str) -> str:
+    return " ".join(str(text).split()).lower()
+
+
+def clean_unlabelled(frame: pd.DataFrame, *, source: str, text_column: str, label_column: str,
+                     splits: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, dict]:
+    """Unlabelled texts for adaptation: the text column only (labels, if present, are ignored),
+    empty texts and repeats dropped, and every text that is also in a labelled split dropped
+    (compared case- and whitespace-insensitively): no val or test text may reach adaptation,
+    and train texts are added by the methods themselves. Returns (id, text) rows and counts."""
+    if text_column not in frame.columns:
+        raise GraftError(f"{source}: missing column {text_column!r} (data.text_column) in the unlabelled source; "
+                         f"found {list(frame.columns)}")
+    texts = frame[text_column].reset_index(drop=True)
+    not_text = texts.notna() & ~texts.map(lambda v: isinstance(v, str))
+    if not_text.any():
+        raise GraftError(f"{source}: column {text_column!r}: {int(not_text.sum())} value(s) are not text, "
+                         f"{_rows(not_text, texts.index)}")
+    empty = texts.isna() | texts.astype(str).str.strip().eq("")
+    kept = texts[~empty].astype(str)
+    keys = kept.map(_normalised)
+    repeated = keys.duplicated()
+    kept, keys = kept[~repeated], keys[~repeated]
+    counts = {"rows_read": int(len(texts)), "dropped_empty": int(empty.sum()), "dropped_duplicates": int(repeated.sum()),
+              "labels_ignored": label_column in frame.columns}
+    for name in ("test", "val", "train"):
+        labelled = set(splits[name]["text"].map(_normalised)) if name in splits else set()
+        inside = keys.isin(labelled)
+        counts[f"dropped_in_{name}"] = int(inside.sum())
+        kept, keys = kept[~inside], keys[~inside]
+    if kept.empty:
+        raise GraftError(f"{source}: no unlabelled text left after dropping empty texts, repeats and texts of the "
+                         f"labelled splits ({counts})")
+    out = pd.DataFrame({"id": kept.map(content_id).to_numpy(), "text": kept.to_numpy()})
+    counts["rows"] = int(len(out))
+    return out, counts

@@ -44,8 +44,18 @@ class Layout:
         return self._p("data/raw")
 
     @property
+    def unlabelled_raw_dir(self) -> Path:
+        """The bytes read from `data.unlabelled_source` (inside raw_dir, so cached with it)."""
+        return self.raw_dir / "unlabelled"
+
+    @property
     def prepared_dir(self) -> Path:
         return self._p("data/prepared")
+
+    @property
+    def unlabelled_file(self) -> Path:
+        """Unlabelled target-domain texts (id, text), none of them in a labelled split."""
+        return self.prepared_dir / "unlabelled.parquet"
 
     def split_file(self, split: str) -> Path:
         return self.prepared_dir / f"{split}.parquet"
@@ -89,6 +99,26 @@ class Layout:
         """The max_length (resolved when `auto`) and truncation the features stage embedded with:
         train and evaluate read it (graft.lengths.resolved_tokenization), never model.max_length."""
         return self.features_dir / RECIPE_FILE
+
+    @property
+    def unlabelled_features(self) -> Path:
+        return self.features_dir / "unlabelled.npy"
+
+    # adapt
+    @property
+    def adapted_dir(self) -> Path:
+        """The backbone after masked-LM continued pretraining (a plain model folder + tokenizer)."""
+        return self._p("models/adapted")
+
+    @property
+    def adapted_state(self) -> Path:
+        """What the adapt stage did (method, texts, head initialised): deterministic, no run facts."""
+        return self.adapted_dir / "adapt.json"
+
+    @property
+    def adapt_report(self) -> Path:
+        """adapt's run facts (seconds, losses): no stage depends on them."""
+        return self._p("reports/adapt.json")
 
     @property
     def transferability(self) -> Path:
@@ -180,6 +210,11 @@ class Layout:
         """evaluate's run facts (seconds, forward passes per model): no stage depends on them, so
         evaluating the same models again changes nothing that register reads."""
         return self._p("reports/evaluate.json")
+
+    @property
+    def adaptation(self) -> Path:
+        """Each adaptation method's verdict against the same strategy without adapting."""
+        return self._p("reports/adaptation.json")
 
     @property
     def test_predictions(self) -> Path:

@@ -39,6 +39,7 @@ def resolve_sources(params: config.Params, layout: Layout) -> dict[Path, tuple[d
                       "data_source_commit": hub_dataset_commit(data.source, data.revision)}
     else:
         data_entry = {"data_source": _where(data.source, resolve_local(data.source), root), "data_source_commit": None}
+    data_entry.update(_unlabelled_entry(data, layout))
     model_path = resolve_model_path(model.ref)
     if model_path is None:
         model_entry = {"model_source": describe_source(layout.model_source_file, root),
@@ -46,12 +47,26 @@ def resolve_sources(params: config.Params, layout: Layout) -> dict[Path, tuple[d
     else:
         model_entry = {"model_source": _where(model.ref, model_path, root), "model_source_commit": None}
     return {
-        layout.data_source_file: ({**data_entry, "data_source_ref": data.source, "data_source_revision": data.revision},
+        layout.data_source_file: ({**data_entry, "data_source_ref": data.source, "data_source_revision": data.revision,
+                                   "unlabelled_source_ref": data.unlabelled_source,
+                                   "unlabelled_source_revision": data.unlabelled_revision},
                                   _SOURCE_COMMENT.format(stage="prepare", what="data set")),
         layout.model_source_file: ({**model_entry, "model_source_ref": model.ref,
                                     "model_source_revision": model.revision},
                                    _SOURCE_COMMENT.format(stage="fetch", what="backbone")),
     }
+
+
+def _unlabelled_entry(data: config.DataParams, layout: Layout) -> dict:
+    """What DVC hashes for data.unlabelled_source (`${unlabelled_source}` in prepare's deps): the
+    file or folder itself, a hub data set's commit (in this file), or, with none, this file."""
+    own = describe_source(layout.data_source_file, layout.root)
+    source = data.unlabelled_source
+    if source is None:
+        return {"unlabelled_source": own, "unlabelled_source_commit": None}
+    if source.startswith(HUB_DATASET_PREFIX):
+        return {"unlabelled_source": own, "unlabelled_source_commit": hub_dataset_commit(source, data.unlabelled_revision)}
+    return {"unlabelled_source": _where(source, resolve_local(source), layout.root), "unlabelled_source_commit": None}
 
 
 def write_sources(params: config.Params, layout: Layout) -> list[str]:
@@ -82,6 +97,9 @@ def local_sources_inside(params: config.Params, root: Path) -> list[str]:
     paths = []
     if not params.data.source.startswith((HUB_DATASET_PREFIX, PACKAGE_PREFIX)):
         paths.append(resolve_local(params.data.source))
+    unlabelled = params.data.unlabelled_source
+    if unlabelled is not None and not unlabelled.startswith((HUB_DATASET_PREFIX, PACKAGE_PREFIX)):
+        paths.append(resolve_local(unlabelled))
     model_path = None if params.model.ref.startswith(PACKAGE_PREFIX) else resolve_model_path(params.model.ref)
     if model_path is not None:
         paths.append(model_path)

@@ -22,6 +22,7 @@ from graft.stats import verdict_sentence  # noqa: E402
 SECTIONS = {
     "summary": "Summary",
     "candidates": "Candidates",
+    "adaptation": "Domain adaptation",
     "confusion": "Confusion matrix",
     "groups": "Per-group metrics",
     "counterfactual": "Counterfactual probes",
@@ -329,7 +330,7 @@ def _direction_cells(direction: Mapping | None) -> list:
 
 def render_html(*, transfer: Mapping, gate: Mapping, bias: Mapping, robustness: Mapping, datacard: Mapping,
                 plots: Mapping[str, bytes | None], sequence_length: Mapping | None = None,
-                extra: Mapping[str, tuple[str, str]] | None = None) -> str:
+                extra: Mapping[str, tuple[str, str]] | None = None, adaptation: Mapping | None = None) -> str:
     """One self-contained page with every section of SECTIONS, in that order, then `extra`
     ({id: (title, html)}: optional stages' sections, e.g. the curve, when they ran)."""
     proposed = transfer["proposed"]
@@ -340,6 +341,7 @@ def render_html(*, transfer: Mapping, gate: Mapping, bias: Mapping, robustness: 
         [[n, c["role"], c["test"]["accuracy"], _interval(c["test"]["accuracy_ci"]),
           c["test"]["macro_f1"], _interval(c["test"]["macro_f1_ci"])]
          for n, c in transfer["candidates"].items()]) + _img(plots.get("candidates"), "candidates") + _seeds(transfer)
+    parts["adaptation"] = _adaptation_section(adaptation or {}, level)
     parts["confusion"] = _img(plots.get("confusion"), "confusion matrix")
     if bias.get("groups"):
         rows = []
@@ -425,6 +427,17 @@ def _sequence_length_section(facts: Mapping | None, png: bytes | None) -> str:
                       [ref["max_length"], _pct(ref["truncated_share"]), ref["mean_tokens"], 1.0]])
             + _table(["train texts", *q], [[facts["texts"], *q.values()]])
             + _img(png, "token lengths of the train split"))
+
+
+def _adaptation_section(adaptation: Mapping, level: str) -> str:
+    """Each adaptation method against the same strategy without adapting (reports/adaptation.json)."""
+    methods = adaptation.get("methods", {})
+    if not methods:
+        return "<p>No domain adaptation (<code>adapt.methods</code> is empty).</p>"
+    return _table(["candidate", "method", "against", "verdict", "margin (points)", f"margin {level} interval",
+                   "McNemar p"],
+                  [[n, m["method"], m["reference"], m["verdict"], m["margin_points"], _interval(m["margin_ci"]),
+                    m["test"]["p_value"]] for n, m in methods.items()])
 
 
 def _examples_section(proposed: str, directions: Sequence[Mapping], perturbations: Mapping[str, Mapping]) -> str:

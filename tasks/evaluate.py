@@ -56,6 +56,7 @@ from graft.robustness import perturb, robustness_probe
 from graft.stats import (
     bootstrap_indices,
     point_scores,
+    transfer_verdict,
     verdict_over_seeds,
     verdict_sentence,
     with_intervals,
@@ -212,10 +213,29 @@ def load_candidates(layout: Layout, params: config.Params, *, splits: Mapping[st
     return predictors, manifest, scorers
 
 
+def adaptation_verdicts(y_test: np.ndarray, pred: Mapping[str, np.ndarray], adaptations: Mapping[str, Mapping],
+                        resamples: np.ndarray, *, confidence: float, alpha: float) -> dict:
+    """Each adaptation candidate against its reference, the same strategy without adapting: the
+    transfer verdict's paired test (exact McNemar) and paired-bootstrap interval of the margin
+    (in the test record, `transferred` is the adapted candidate, `baseline` the reference)."""
+    methods = {}
+    for name, adaptation in adaptations.items():
+        reference = adaptation["reference"]
+        verdict = transfer_verdict(y_test, pred[name], {reference: pred[reference]}, resamples,
+                                   confidence=confidence, alpha=alpha)
+        verdict.pop("best_baseline")
+        verdict.pop("negative_transfer")
+        methods[name] = {"method": adaptation["method"], "reference": reference, **verdict}
+    return {"methods": methods, "confidence": confidence,
+            "note": "each method against the same strategy trained from the pretrained backbone on the same labels"}
+
+
 def gate(params: config.GateParams, *, metrics: Mapping, verdict: Mapping, group_gap: float | None,
-         counterfactual_flip_rate: float | None, robustness_flip_rate: float | None) -> dict:
+         counterfactual_flip_rate: float | None, robustness_flip_rate: float | None,
+         adaptation: Mapping | None = None) -> dict:
     """One check per threshold, each {name, value, threshold, passed}; a measure that could not be
-    taken (no group columns, no probe texts) passes with value None."""
+    taken (no group columns, no probe texts) passes with value None. Each adaptation method gets
+    a check of its verdict against not adapting."""
     def upper(name: str, value: float | None, threshold: float) -> dict:
         return {"name": name, "value": value, "threshold": threshold, "passed": value is None or value <= threshold}
 
@@ -232,6 +252,10 @@ def gate(params: config.GateParams, *, metrics: Mapping, verdict: Mapping, group
         upper("max_counterfactual_flip_rate", counterfactual_flip_rate, params.max_counterfactual_flip_rate),
         upper("max_robustness_flip_rate", robustness_flip_rate, params.max_robustness_flip_rate),
     ]
+    for name, m in (adaptation or {}).get("methods", {}).items():
+        checks.append({"name": f"adaptation_verdict:{name}", "value": m["verdict"],
+                       "threshold": params.required_adaptation_verdict,
+                       "passed": VERDICT_RANK[m["verdict"]] >= REQUIRED_RANK[params.required_adaptation_verdict]})
     return {"passed": all(c["passed"] for c in checks), "checks": checks}
 
 
@@ -246,13 +270,16 @@ def assess(
     domain_column: str | None = None, proposed: str = PROPOSED, transferred: Sequence[str] = (PROPOSED,),
     visible: Callable[[Sequence[str], Sequence[str]], np.ndarray] | None = None,
     seed_predictors: Mapping[int, Predictor] | None = None, backbone_probe_facts: Mapping | None = None,
+    adaptations: Mapping[str, Mapping] | None = None,
 ) -> dict:
     """Everything evaluate reports, from predictors and data frames (no model files): tests call it
     with planted models. `proposed` is the candidate train chose on validation; `transferred` names
     every candidate that starts from the pretrained backbone. `visible(originals, edited)` says
     which edits change what the transformer models see (counterfactual swaps past the
     truncation point are left out). `seed_predictors` are the proposed strategy trained with
-    other seeds (params.seed is the proposed model's): scored on test for the verdict's seed rule."""
+    other seeds (params.seed is the proposed model's): scored on test for the verdict's seed rule.
+    `adaptations` names each adaptation candidate's method and reference (the same strategy, not
+    adapted)."""
     e, n_classes = params.evaluate, len(classes)
     predictors = {name: cached(p) for name, p in predictors.items()}
     test_texts, val_texts = test["text"].tolist(), val["text"].tolist()
@@ -276,6 +303,7 @@ def assess(
     verdict = verdict_over_seeds(y_test, by_seed, {b: pred[b] for b in BASELINES if b in pred}, resamples,
                                  base_seed=params.seed, confidence=e.confidence, alpha=e.alpha, seed=params.seed)
     transfer = {"proposed": proposed, "candidates": candidates, "confidence": e.confidence, **verdict}
+    adaptation = adaptation_verdicts(y_test, pred, adaptations or {}, resamples, confidence=e.confidence, alpha=e.alpha)
     metrics = {"model": proposed}
     for split, y, texts in (("test", y_test, test_texts), ("val", y_val, val_texts)):
         p = predictors[proposed](texts).argmax(1)
@@ -340,10 +368,11 @@ def assess(
     result_gate = gate(params.gate, metrics=metrics["test"], verdict=verdict,
                        group_gap=max(group_gaps) if group_gaps else None,
                        counterfactual_flip_rate=counterfactual[proposed]["max_flip_rate"],
-                       robustness_flip_rate=robustness["candidates"][proposed]["max_flip_rate"])
+                       robustness_flip_rate=robustness["candidates"][proposed]["max_flip_rate"], adaptation=adaptation)
     metrics["probes"] = {"counterfactual_max_flip_rate": counterfactual[proposed]["max_flip_rate"],
                          "robustness_max_flip_rate": robustness["candidates"][proposed]["max_flip_rate"]}
-    return {"proposed": proposed, "metrics": metrics, "transfer": transfer, "bias": bias, "robustness": robustness, "gate": result_gate,
+    return {"proposed": proposed, "metrics": metrics, "transfer": transfer, "bias": bias, "robustness": robustness,
+            "gate": result_gate, "adaptation": adaptation,
             "predictions": pred, "y_test": y_test, "proposed_test_proba": proba[proposed]}
 
 
@@ -412,11 +441,13 @@ def evaluate(params: config.Params, *, layout: Layout | None = None) -> dict:
         if missing:
             raise GraftError(f"{layout.split_file(name)}: missing column(s) {sorted(missing)}")
     predictors, manifest, scorers = load_candidates(layout, params, splits=splits, n_classes=len(classes))
-    transferred = [n for n, c in manifest["candidates"].items() if c["role"] == "transfer"]
+    transferred = [n for n, c in manifest["candidates"].items() if c["role"] in ("transfer", "adaptation")]
+    adaptations = {n: c for n, c in manifest["candidates"].items() if c["role"] == "adaptation"}
     result = assess(predictors, params=params, layout=layout, **splits, classes=classes,
                     group_columns=group_columns, domain_column=domain_column, proposed=manifest["proposed"],
                     transferred=transferred, visible=scorers[BACKBONE_PROBE].changed,
-                    seed_predictors=manifest["seed_predictors"], backbone_probe_facts=manifest["backbone_probe"])
+                    seed_predictors=manifest["seed_predictors"], backbone_probe_facts=manifest["backbone_probe"],
+                    adaptations=adaptations)
     images = plots(result, classes)
     for name, png in images.items():
         with atomic_path(layout.plots_dir / f"{name}.png") as tmp:
@@ -432,9 +463,10 @@ def evaluate(params: config.Params, *, layout: Layout | None = None) -> dict:
     write_json(layout.robustness, result["robustness"])
     write_json(layout.gate, result["gate"])
     lengths = read_json(layout.sequence_length) if layout.sequence_length.exists() else None
+    write_json(layout.adaptation, result["adaptation"])
     atomic_write_text(layout.report_html, render_html(
         transfer=result["transfer"], gate=result["gate"], bias=result["bias"], robustness=result["robustness"],
-        datacard=card, sequence_length=lengths, extra=optional_sections(layout),
+        datacard=card, sequence_length=lengths, extra=optional_sections(layout), adaptation=result["adaptation"],
         plots={**images, "token_lengths": token_lengths_png(lengths) if lengths else None}))
     # run facts go to a report no stage depends on: register reads the reports above, and must
     # find them unchanged when the same models are evaluated again
@@ -468,6 +500,10 @@ def main() -> None:
     result = evaluate(config.load())
     for line in _summary_lines(result):
         print(line)  # noqa: T201
+    for name, m in result["adaptation"]["methods"].items():
+        low, high = (100 * x for x in m["margin_ci"])
+        print(f"evaluate: adaptation {name}: {m['verdict']} against {m['reference']}, "  # noqa: T201
+              f"{m['margin_points']:+.2f} points [{low:+.2f}, {high:+.2f}], McNemar p={m['test']['p_value']:.3g}")
     print(closing_line(result["transfer"], result["gate"]))  # noqa: T201
 
 

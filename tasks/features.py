@@ -98,9 +98,15 @@ def features(params: config.Params, *, pretrained_dir: Path, prepared_dir: Path,
             desc=f"embed {split}",
         )
         labels[split] = frame["label_id"].to_numpy()
+    unlabelled = prepared_dir / "unlabelled.parquet"
+    extra = {}
+    if unlabelled.exists():  # prepare wrote it: data.unlabelled_source is set (self-training reads these)
+        extra["unlabelled"] = embed(encoder, tokenizer, pd.read_parquet(unlabelled, columns=["text"])["text"].tolist(),
+                                    max_length=params.model.max_length, batch_size=params.features.batch_size,
+                                    device=device, desc="embed unlabelled")
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        for split, matrix in embedded.items():
+        for split, matrix in {**embedded, **extra}.items():
             np.save(tmp / f"{split}.npy", matrix)
         write_json(tmp / RECIPE_FILE, recipe(tokenization, requested=params.model.max_length))
     write_json(length_report, length_facts)
@@ -112,7 +118,7 @@ def features(params: config.Params, *, pretrained_dir: Path, prepared_dir: Path,
         "logme": logme(embedded["train"], labels["train"]),
         "probe_val_accuracy": probe_accuracy(embedded["train"], labels["train"], embedded["val"], labels["val"], params.seed),
         "dims": int(embedded["train"].shape[1]),
-        "rows": {split: int(m.shape[0]) for split, m in embedded.items()},
+        "rows": {split: int(m.shape[0]) for split, m in {**embedded, **extra}.items()},
         "max_length": tokenization.max_length,
     }
     write_json(report, result)

@@ -13,7 +13,14 @@ import pandas as pd  # noqa: E402
 
 from graft import config  # noqa: E402
 from graft.baselines import has_tfidf_words  # noqa: E402
-from graft.dataset import SPLITS, Validated, fingerprint, split_frame, validate_frame  # noqa: E402
+from graft.dataset import (  # noqa: E402
+    SPLITS,
+    Validated,
+    clean_unlabelled,
+    fingerprint,
+    split_frame,
+    validate_frame,
+)
 from graft.errors import GraftError, exits_cleanly  # noqa: E402
 from graft.files import atomic_path, atomic_write_text, write_json  # noqa: E402
 from graft.layout import Layout  # noqa: E402
@@ -23,6 +30,13 @@ from graft.sources import read_source_file, read_table_with_notes, snapshot  # n
 def check_source_file(params: config.DataParams, source_file: Path) -> None:
     """The path DVC hashed (dvc.yaml `vars`) must describe the source configured now."""
     pinned = read_source_file(source_file)
+    if (pinned.get("unlabelled_source_ref") != params.unlabelled_source
+            or pinned.get("unlabelled_source_revision") != params.unlabelled_revision):
+        raise GraftError(
+            f"{source_file}: describes data.unlabelled_source={pinned.get('unlabelled_source_ref')!r}, but "
+            f"params.yaml has {params.unlabelled_source!r} (revision {params.unlabelled_revision!r}); "
+            "run `graft sources` (graft run does it before the stages)"
+        )
     if pinned.get("data_source_ref") != params.source or pinned.get("data_source_revision") != params.revision:
         raise GraftError(
             f"{source_file}: describes data.source={pinned.get('data_source_ref')!r} "
@@ -113,7 +127,23 @@ def datacard_markdown(card: dict, plot_name: str) -> str:
               f"- texts under conflicting labels: {v['conflicting_texts']} (rows dropped: {v['dropped_conflicts']})"]
     lines += [f"- missing values in `{c}`: {n} (kept as `(missing)`)" for c, n in v["missing_group_values"].items()]
     lines += [f"- decoding: {note}" for note in v["decoding"]] or ["- decoding: every file was valid UTF-8"]
+    if "unlabelled" in card:
+        u = card["unlabelled"]
+        lines += ["", "## Unlabelled text (adaptation)", "", f"Source: `{u['source']}`", "",
+                  f"- texts kept: {u['rows']} of {u['rows_read']} (empty {u['dropped_empty']}, repeated "
+                  f"{u['dropped_duplicates']}, also in test {u['dropped_in_test']}, in val {u['dropped_in_val']}, "
+                  f"in train {u['dropped_in_train']})",
+                  "- labels in the file were ignored" if u["labels_ignored"] else "- the file has no label column"]
     return "\n".join(lines) + "\n"
+
+
+def prepare_unlabelled(data: config.DataParams, splits: dict[str, pd.DataFrame], raw_dir: Path) -> tuple:
+    """Snapshot and clean data.unlabelled_source: (id, text) rows and what cleaning dropped."""
+    copy = snapshot(data.unlabelled_source, data.unlabelled_revision, raw_dir)
+    frame, decoding = read_table_with_notes(copy, encoding_fallback=data.encoding_fallback)
+    rows, counts = clean_unlabelled(frame, source=data.unlabelled_source, text_column=data.text_column,
+                                    label_column=data.label_column, splits=splits)
+    return rows, {"source": data.unlabelled_source, **counts, "decoding": decoding, "fingerprint": fingerprint(rows.assign(label=""))}
 
 
 def prepare(params: config.Params, *, source_file: Path, raw_dir: Path, out_dir: Path, datacard_md: Path,
@@ -137,12 +167,17 @@ def prepare(params: config.Params, *, source_file: Path, raw_dir: Path, out_dir:
     label_ids = {c: i for i, c in enumerate(classes)}
     card = datacard(splits, validated, classes=classes, source=data.source, group_columns=list(data.group_columns),
                     domain_column=data.domain_column, decoding=decoding)
+    unlabelled = None
+    if data.unlabelled_source is not None:
+        unlabelled, card["unlabelled"] = prepare_unlabelled(data, splits, raw_dir / "unlabelled")
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         for name, split in splits.items():
             split.assign(label_id=split["label"].map(label_ids)).to_parquet(tmp / f"{name}.parquet", index=False)
         rows = pd.concat([split[["id", "label"]].assign(split=name) for name, split in splits.items()])
         rows.sort_values("id", kind="stable").to_parquet(tmp / "rows.parquet", index=False)
+        if unlabelled is not None:
+            unlabelled.to_parquet(tmp / "unlabelled.parquet", index=False)
         write_json(tmp / "datacard.json", card)
     plot_text_lengths(splits, plot)
     atomic_write_text(datacard_md, datacard_markdown(card, Path(plot).relative_to(datacard_md.parent).as_posix()))

@@ -21,14 +21,16 @@ import torch
 import torch.distributed as dist
 
 from graft import config
+from graft.adaptation import self_train_probe
 from graft.baselines import save_tfidf, select_tfidf
-from graft.errors import exits_cleanly
+from graft.errors import GraftError, exits_cleanly
 from graft.files import atomic_path, read_json, sha256_file, write_json
 from graft.layout import Layout, require
 from graft.lengths import Tokenization, resolved_tokenization
 from graft.modeling import (
     PROBE_HEAD_FILE,
     build_classifier,
+    embed,
     load_encoder,
     load_tokenizer,
     save_probe_classifier,
@@ -66,9 +68,11 @@ def _settings(params: config.Params, tokens: Tokenization, *, lr: float, epochs:
 
 def train_transformer(params: config.Params, strategy: str, *, classes: list[str], data: dict, layout: Layout,
                       tokens: Tokenization, device: torch.device, data_digest: str,
-                      run_name: str | None = None) -> tuple[torch.nn.Module, dict]:
-    """Build, adapt, fit and describe one transformer candidate (`scratch` included); `run_name`
-    (default: the strategy) names its resume folder and progress bar."""
+                      backbone_dir: Path | None = None, run_name: str | None = None) -> tuple[torch.nn.Module, dict]:
+    """Build, adapt, fit and describe one transformer candidate (`scratch` included), from the
+    fetched backbone or `backbone_dir` (the MLM-adapted one); `run_name` (default: the strategy)
+    names its resume folder and progress bar."""
+    backbone_dir = backbone_dir or layout.pretrained_dir
     run_name = run_name or strategy
     t = params.train
     trust = params.model.trust_remote_code
@@ -81,16 +85,17 @@ def train_transformer(params: config.Params, strategy: str, *, classes: list[str
     tokenizer = load_tokenizer(layout.pretrained_dir, trust_remote_code=trust)
     # Seed right before building, so the new head's (and adapters') init is the same whatever ran before.
     seed_everything(params.seed)
-    model = build_classifier(layout.pretrained_dir, classes=classes, from_scratch=strategy == "scratch",
-                             trust_remote_code=trust, name=strategy)
+    model = build_classifier(backbone_dir, classes=classes, from_scratch=strategy == "scratch",
+                             trust_remote_code=trust, name=run_name)
     lora = {"r": t.lora.r, "alpha": t.lora.alpha, "dropout": t.lora.dropout}
     model, frozen, groups = prepare_strategy(model, strategy, freeze_layers=freeze, lr=lr, weight_decay=t.weight_decay,
                                              layer_decay=t.full.layer_decay, lora=lora)
     settings = _settings(params, tokens, lr=lr, epochs=epochs)
     _, world = dist_env()
     # the backbone by content (its manifest), not by name: a resume must see the same weights
-    fingerprint = fingerprint_of(strategy, t.model_dump(), tokens.max_length, tokens.truncation, params.model.trust_remote_code,
-                                 sha256_file(layout.manifest), params.seed, world, data_digest)
+    weights = layout.manifest if backbone_dir == layout.pretrained_dir else Path(backbone_dir) / "model.safetensors"
+    fingerprint = fingerprint_of(run_name, t.model_dump(), tokens.max_length, tokens.truncation,
+                                 params.model.trust_remote_code, sha256_file(weights), params.seed, world, data_digest)
     result = fit(model, tokenizer, **data, settings=settings, param_groups=groups, device=device, freeze_layers=frozen,
                  checkpoint_dir=checkpoints_dir(layout) / run_name, fingerprint=fingerprint, desc=run_name)
     val_proba = result.pop("val_proba")
@@ -100,7 +105,7 @@ def train_transformer(params: config.Params, strategy: str, *, classes: list[str
     state = {
         **result,
         "strategy": strategy,
-        "init": "random" if strategy == "scratch" else "pretrained",
+        "init": "random" if strategy == "scratch" else "pretrained" if backbone_dir == layout.pretrained_dir else "adapted",
         "freeze_layers": frozen,
         "trainable_parameters": trainable,
         "total_parameters": int(sum(p.numel() for p in model.parameters())),
@@ -112,21 +117,40 @@ def train_transformer(params: config.Params, strategy: str, *, classes: list[str
 
 
 def train_probe(params: config.Params, *, classes: list[str], data: dict, layout: Layout, tokens: Tokenization,
-                out_dir: Path) -> dict:
-    """The linear probe on the features stage's embeddings: no backbone forward pass at all."""
-    require(layout.features_file("train"), layout.features_file("val"), root=layout.root)
-    train_x, val_x = np.load(layout.features_file("train")), np.load(layout.features_file("val"))
-    weight, bias, facts = train_linear_probe(train_x, data["train_labels"], val_x, data["val_labels"],
-                                             C=params.train.probe.C, C_grid=params.train.probe.C_grid,
-                                             seed=params.seed)
+                out_dir: Path, method: str | None = None, device: torch.device | None = None,
+                self_training: dict | None = None, embed_batch_size: int = 64) -> dict:
+    """The linear probe on the features stage's embeddings: no backbone forward pass at all.
+    `method` mlm: on the MLM-adapted backbone's embeddings (computed here); self_training: on
+    the cached embeddings, with pseudo-labels of the unlabelled texts (threshold and rounds
+    chosen on validation)."""
     trust = params.model.trust_remote_code
-    tokenizer = load_tokenizer(layout.pretrained_dir, trust_remote_code=trust)
+    probe = params.train.probe
+    backbone_dir = layout.adapted_dir if method == "mlm" else layout.pretrained_dir
+    if method == "mlm":
+        encoder, tokenizer = load_encoder(backbone_dir, trust_remote_code=trust), load_tokenizer(backbone_dir, trust_remote_code=trust)
+        train_x, val_x = (embed(encoder, tokenizer, data[f"{split}_texts"], max_length=tokens.max_length,
+                                truncation=tokens.truncation, batch_size=embed_batch_size,
+                                device=device or torch.device("cpu"), desc=f"embed {split} (adapted)")
+                          for split in ("train", "val"))
+    else:
+        require(layout.features_file("train"), layout.features_file("val"), root=layout.root)
+        train_x, val_x = np.load(layout.features_file("train")), np.load(layout.features_file("val"))
+    if method == "self_training":
+        require(layout.unlabelled_features, root=layout.root)
+        weight, bias, facts = self_train_probe(train_x, data["train_labels"], val_x, data["val_labels"],
+                                               np.load(layout.unlabelled_features), **self_training,
+                                               C=probe.C, C_grid=probe.C_grid, seed=params.seed)
+    else:
+        weight, bias, facts = train_linear_probe(train_x, data["train_labels"], val_x, data["val_labels"],
+                                                 C=probe.C, C_grid=probe.C_grid, seed=params.seed)
+    tokenizer = load_tokenizer(backbone_dir, trust_remote_code=trust)
     serving = describe(labels=classes, max_length=tokens.max_length, truncation=tokens.truncation, tokenizer=tokenizer,
                        head=LINEAR_PROBE, head_file=PROBE_HEAD_FILE)
-    save_probe_classifier(load_encoder(layout.pretrained_dir, trust_remote_code=trust), tokenizer,
+    save_probe_classifier(load_encoder(backbone_dir, trust_remote_code=trust), tokenizer,
                           weight, bias, classes=classes, out_dir=out_dir,
                           also_write=lambda folder: write_description(folder, serving))
-    state = {**facts, "strategy": "linear_probe", "init": "pretrained", "pooling": "mean",
+    state = {**facts, "strategy": "linear_probe", "init": "adapted" if method == "mlm" else "pretrained",
+             "pooling": "mean", **({"adaptation": method} if method else {}),
              "trainable_parameters": int(weight.size + bias.size), "seed": params.seed}
     write_training_state(out_dir / TRAINING_STATE, state)
     return state
@@ -212,6 +236,31 @@ def train(params: config.Params, *, layout: Layout | None = None) -> dict:
                 # line resumes a finished run, which only saves the model again)
                 shutil.rmtree(checkpoints_dir(layout) / strategy, ignore_errors=True)
         candidates[strategy] = {**_candidate("transformer", out_dir, layout, state), "role": kind} if rank == 0 else {}
+    # read whether or not anything is adapted: dvc.yaml lists them, so changing them re-runs train
+    adapt, embed_batch_size = params.adapt, params.features.batch_size
+    mlm_strategy, self_training = adapt.strategy, adapt.self_training
+    self_training_grid = {"thresholds": self_training.thresholds, "max_rounds": self_training.max_rounds}
+    plan = [(method, "linear_probe" if method == "self_training" else mlm_strategy) for method in adapt.methods]
+    # the adapt stage's note says what models/adapted holds: an MLM candidate needs its backbone
+    adapted = read_json(layout.adapted_state) if layout.adapted_state.exists() else {}
+    if "mlm" in adapt.methods and adapted.get("method") != "mlm":
+        raise GraftError(f"{layout.adapted_state}: no masked-LM-adapted backbone (adapt.methods has mlm); "
+                         "run the 'adapt' stage first (graft stage adapt)")
+    for method, strategy in plan:
+        name, out_dir = adaptation_candidate(strategy, method), layout.finetuned_dir / adaptation_candidate(strategy, method)
+        if strategy == "linear_probe":
+            state = train_probe(params, classes=classes, data=data, layout=layout, tokens=tokens, out_dir=out_dir,
+                                method=method, device=device, self_training=self_training_grid,
+                                embed_batch_size=embed_batch_size) if rank == 0 else {}
+        else:
+            model, state, val_proba[name] = train_transformer(params, strategy, classes=classes, data=data, layout=layout,
+                                                              tokens=tokens, device=device, data_digest=data_digest,
+                                                              backbone_dir=layout.adapted_dir, run_name=name)
+            if rank == 0:
+                save_transformer(model, tokenizer, out_dir, {**state, "adaptation": method}, tokens=tokens)
+                shutil.rmtree(checkpoints_dir(layout) / name, ignore_errors=True)
+        candidates[name] = ({**_candidate("transformer", out_dir, layout, state), "role": "adaptation",
+                             "method": method, "reference": strategy} if rank == 0 else {})
     if rank == 0:
         t = params.train.tfidf
         pipeline, facts = select_tfidf(data["train_texts"], data["train_labels"], data["val_texts"], data["val_labels"],
@@ -220,16 +269,21 @@ def train(params: config.Params, *, layout: Layout | None = None) -> dict:
                  "vocabulary_size": len(pipeline.named_steps["tfidf"].vocabulary_)}
         save_tfidf(pipeline, layout.baselines_dir / "tfidf", state)
         candidates["tfidf"] = {**_candidate("tfidf", layout.baselines_dir / "tfidf", layout, state), "role": "baseline"}
-    # The proposal is made on validation only; ties go to the strategy listed first.
-    transfer = [s for s in params.train.strategies]
+    # The proposal is made on validation only; ties go to the strategy listed first, then to
+    # not adapting (adaptation candidates come after every strategy).
+    transfer = [*params.train.strategies, *(adaptation_candidate(strategy, method) for method, strategy in plan)]
     proposed = (max(transfer, key=lambda s: (candidates[s]["best_val_accuracy"], -transfer.index(s)))
                 if rank == 0 else None)
     if world > 1:
         box = [proposed]
         dist.broadcast_object_list(box, src=0)  # every rank trains the proposed strategy's other seeds
         proposed = box[0]
-    seeds = train_seeds(params, proposed, classes=classes, data=data, layout=layout, tokens=tokens, device=device,
-                        data_digest=data_digest, tokenizer=tokenizer)
+    if proposed in params.train.strategies:
+        seeds = train_seeds(params, proposed, classes=classes, data=data, layout=layout, tokens=tokens, device=device,
+                            data_digest=data_digest, tokenizer=tokenizer)
+    else:  # an adaptation candidate: its seeds are not retrained (the verdict is the base seed's)
+        seeds = {"strategy": proposed, "base_seed": params.seed, "requested": params.train.seeds, "models": {},
+                 "note": "the proposed candidate is an adaptation candidate: not retrained with other seeds"}
     if world > 1:
         dist.barrier()
     if rank != 0:
@@ -237,13 +291,19 @@ def train(params: config.Params, *, layout: Layout | None = None) -> dict:
     report = {"device": device.type, "world_size": world, "torch": torch.__version__, "classes": classes,
               "max_length": tokens.max_length, "truncation": tokens.truncation,
               "candidates": candidates, "proposed": proposed, "seeds": seeds}
-    write_candidates(layout, params.train.strategies, candidates, proposed, classes, seeds=seeds)
+    write_candidates(layout, transfer, candidates, proposed, classes, seeds=seeds)
     write_val_predictions(layout, val_df["id"].astype(str).to_numpy(), val_proba)
     write_json(layout.train_report, report)
     return report
 
 
 MANIFEST_KEYS = ("kind", "path", "strategy", "role", "best_val_accuracy", "best_epoch")
+ADAPTATION_KEYS = ("method", "reference")
+
+
+def adaptation_candidate(strategy: str, method: str) -> str:
+    """The candidate `strategy` trained with adaptation `method`, e.g. linear_probe_mlm."""
+    return f"{strategy}_{method}"
 
 
 def write_candidates(layout: Layout, strategies: list[str], candidates: dict, proposed: str, classes: list[str], *,
@@ -254,7 +314,8 @@ def write_candidates(layout: Layout, strategies: list[str], candidates: dict, pr
         if folder.is_dir() and folder.name not in [*strategies, layout.seed_models_dir.name]:
             shutil.rmtree(folder)
     manifest = {"classes": classes, "proposed": proposed,
-                "candidates": {name: {k: c.get(k) for k in MANIFEST_KEYS} for name, c in candidates.items()}}
+                "candidates": {name: {**{k: c.get(k) for k in MANIFEST_KEYS}, **{k: c[k] for k in ADAPTATION_KEYS if k in c}}
+                               for name, c in candidates.items()}}
     if seeds is not None:
         manifest["seeds"] = {**seeds, "models": {s: {k: c.get(k) for k in ("path", "best_val_accuracy", "best_epoch")}
                                                  for s, c in seeds["models"].items()}}

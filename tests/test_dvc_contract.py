@@ -25,7 +25,7 @@ from graft.layout import SPLITS
 
 from .conftest import REPO, make_workspace, pin_sources, tiny_params
 
-STAGES = ("prepare", "fetch", "features", "curve", "domain", "train", "evaluate", "register")
+STAGES = ("prepare", "fetch", "features", "adapt", "curve", "domain", "train", "evaluate", "register")
 # What a stage may touch without declaring it: tracking stores and DVC's own files.
 UNDECLARED_OK = ("mlruns.db", "mlartifacts", ".dvc", ".git", "params.yaml",
                  # train's resume state: deliberately not a dependency (a checkpoint is used only
@@ -160,7 +160,8 @@ def traced(tmp_path_factory, tiny_model_dir) -> dict:
     params = tiny_params(tiny_model_dir)
     params["data"]["group_columns"] = ["region"]  # evaluate's per-group branch writes too
     # the optional stages on, so they read every param they declare: a fine-tuned curve point and
-    # a second domain (a column of its own: region is a group column)
+    # a second domain (a column of its own: region is a group column); adaptation on, so adapt
+    # and train read everything dvc.yaml lists for them
     params["curve"].update(enabled=True, sizes=[2, 4], seeds=2, seeds_below=4, finetune_sizes=[2])
     frame = pd.read_csv(params["data"]["source"])
     frame["site"] = ["a", "b"] * (len(frame) // 2)
@@ -168,7 +169,13 @@ def traced(tmp_path_factory, tiny_model_dir) -> dict:
     frame.to_csv(source, index=False)
     params["data"].update(source=str(source), domain_column="site")
     params["domain"].update(target="b", permutations=19)
-    root = make_workspace(tmp_path_factory.mktemp("contract") / "ws", params)
+    base = tmp_path_factory.mktemp("contract")
+    unlabelled = base / "unlabelled.csv"
+    unlabelled.write_text("text\nnew words about the kitchen bread today.\nthe match team won the phone cloud.\n")
+    params["data"]["unlabelled_source"] = str(unlabelled)
+    params["adapt"]["methods"] = ["mlm", "self_training"]
+    params["adapt"]["mlm"]["batch_size"] = 8
+    root = make_workspace(base / "ws", params)
     pin_sources(root)
     script = root.parent / "recorder.py"
     script.write_text(RECORDER)
