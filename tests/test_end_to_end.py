@@ -10,7 +10,7 @@ import pytest
 import yaml
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.pipeline import pipeline
+from flows.pipeline import STAGES, pipeline
 from graft.files import read_json
 
 from .conftest import REPO, make_workspace
@@ -34,8 +34,7 @@ def test_default_backbone_and_corpus_end_to_end(tmp_path: Path, monkeypatch):
 
     with prefect_test_harness(server_startup_timeout=120):
         summary = pipeline(root=str(root))
-    assert [r["stage"] for r in summary] == ["prepare", "fetch", "features", "curve", "domain", "train", "evaluate",
-                                              "register", "push"]
+    assert [r["stage"] for r in summary] == [*STAGES, "push"]
 
     card = read_json(root / "data/prepared/datacard.json")
     assert card["classes"] == ["business", "entertainment", "politics", "sports", "tech"]
