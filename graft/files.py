@@ -31,6 +31,14 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write bytes (a plot) atomically, creating the folder: `atomic_path` over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
 def current_umask() -> int:
     """The process's umask, read without changing it where Linux says it (/proc), else set and restored."""
     with contextlib.suppress(OSError, ValueError):

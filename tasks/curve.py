@@ -11,7 +11,6 @@ together. The curve depends on prepare, fetch and features only, not on train.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,7 +18,7 @@ import pandas as pd
 from graft import config
 from graft.baselines import select_tfidf
 from graft.errors import GraftError, exits_cleanly
-from graft.files import atomic_path, write_json
+from graft.files import atomic_write_bytes, write_json
 from graft.layout import Layout, require
 from graft.lengths import resolved_tokenization
 from graft.stats import interval
@@ -123,7 +122,7 @@ def curve(params: config.Params, *, layout: Layout) -> dict:
     if not c.enabled:
         result = {"enabled": False, "reason": "curve.enabled is false (graft run -S curve.enabled=true)"}
         write_json(layout.curve_report, result)
-        _write_png(layout.curve_plot, note_png("data-efficiency curve: off (curve.enabled)"))
+        atomic_write_bytes(layout.curve_plot, note_png("data-efficiency curve: off (curve.enabled)"))
         return result
     split = {s: layout.split_file(s) for s in ("train", "val", "test")}
     require(*split.values(), layout.features_file("train"), layout.features_file("test"), root=layout.root)
@@ -197,14 +196,8 @@ def curve(params: config.Params, *, layout: Layout) -> dict:
         "labels_needed": needed,
     }
     write_json(layout.curve_report, result)
-    _write_png(layout.curve_plot, curve_png(result))
+    atomic_write_bytes(layout.curve_plot, curve_png(result))
     return result
-
-
-def _write_png(path: Path, png: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(png)
 
 
 @exits_cleanly

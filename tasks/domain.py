@@ -13,8 +13,6 @@ pass, the curve needs neither.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 from sklearn.decomposition import PCA
@@ -22,7 +20,7 @@ from sklearn.linear_model import LogisticRegression
 
 from graft import config
 from graft.errors import GraftError, exits_cleanly
-from graft.files import atomic_path, write_json
+from graft.files import atomic_write_bytes, write_json
 from graft.layout import Layout, require
 from graft.lengths import resolved_tokenization
 from graft.stats import bootstrap_indices, interval, mcnemar_exact
@@ -103,7 +101,7 @@ def domain(params: config.Params, *, layout: Layout) -> dict:
     if not column or target is None:
         result = {"enabled": False, "reason": "needs data.domain_column and domain.target"}
         write_json(layout.domain_report, result)
-        _write_png(layout.domain_plot, note_png("domain gap: off (data.domain_column, domain.target)"))
+        atomic_write_bytes(layout.domain_plot, note_png("domain gap: off (data.domain_column, domain.target)"))
         return result
     split = {s: layout.split_file(s) for s in ("train", "test")}
     require(*split.values(), layout.features_file("train"), layout.features_file("test"),
@@ -140,7 +138,7 @@ def domain(params: config.Params, *, layout: Layout) -> dict:
                                                     source_rows=source_rows, target_rows=target_rows)}
     projection = PCA(n_components=2, random_state=seed).fit_transform(layers[-1])
     write_json(layout.domain_report, result)
-    _write_png(layout.domain_plot, domain_png(result, projection, np.r_[np.zeros(n, bool), np.ones(n, bool)]))
+    atomic_write_bytes(layout.domain_plot, domain_png(result, projection, np.r_[np.zeros(n, bool), np.ones(n, bool)]))
     return result
 
 
@@ -172,12 +170,6 @@ def _source_only_vs_target(params: config.Params, *, layout: Layout, train: pd.D
                            for k, v in right.items()},
             "gap": float(right["target_trained"].mean() - right["source_only"].mean()),
             "test": mcnemar_exact(right["target_trained"], right["source_only"])}
-
-
-def _write_png(path: Path, png: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(png)
 
 
 @exits_cleanly
