@@ -69,6 +69,12 @@ class ModelParams(_Section):
     revision: str | None = Field(description="Hub revision; pin it for reproducible runs.")
     trust_remote_code: bool = Field(description="Allow model code from the hub to run.")
     max_length: int = Field(ge=8, le=4096, description="Tokens kept per text.")
+    candidates: list[str] = Field(description=(
+        "More backbones (refs like model.ref, at their newest revision) ranked beside model.ref by the select "
+        "stage's transferability scores; empty: model.ref only."))
+    select: Literal["auto", "ref"] = Field(description=(
+        "auto: the best-ranked candidate (LogME on layer-averaged features) whose estimated fine-tuning time "
+        "fits train.budget_seconds; ref: model.ref whatever the scores."))
 
 
 class FeatureParams(_Section):
@@ -111,7 +117,12 @@ class TrainParams(_Section):
         min_length=1,
         description="Transfer strategies to train (linear_probe, partial, full, lora); each is a candidate.",
     )
-    freeze_layers: int = Field(ge=0, description="`partial`: lowest encoder layers kept frozen (with the embeddings).")
+    freeze_layers: int | Literal["auto"] = Field(ge=0, description=(
+        "`partial`: lowest encoder layers kept frozen (with the embeddings). auto: every block up to the layer "
+        "whose features score best (LogME, select stage), at most layers - 1."))
+    budget_seconds: float | None = Field(gt=0, description=(
+        "model.select auto: fine-tune only a candidate whose estimated training time (its measured forward "
+        "seconds per row x rows x epochs x 3 for the backward pass) fits; null: no limit."))
     lr: float = Field(gt=0, description="`partial`: AdamW learning rate.")
     weight_decay: float = Field(ge=0, description="AdamW weight decay.")
     epochs: int = Field(gt=0, description="`partial`: passes over the training split.")

@@ -1,4 +1,4 @@
-"""features: embed every split with the frozen backbone (mean pooling); score transferability."""
+"""features: embed every split with the frozen backbone (mean pooling, last layer)."""
 
 from __future__ import annotations
 
@@ -11,45 +11,10 @@ from sklearn.linear_model import LogisticRegression
 
 from graft import config
 from graft.errors import exits_cleanly
-from graft.files import atomic_path, write_json
+from graft.files import atomic_path
 from graft.layout import SPLITS, Layout, require
 from graft.modeling import embed, load_encoder, load_tokenizer, select_device
-
-
-def logme(features: np.ndarray, labels: np.ndarray, max_iter: int = 11) -> float:
-    """LogME (You et al., ICML 2021): mean per-class log marginal evidence of a Bayesian linear
-    model on frozen features. Higher means the features transfer better; no training needed."""
-    f = features.astype(np.float64)
-    n, d = f.shape
-    u, s, _ = np.linalg.svd(f, full_matrices=False)
-    sigma = s**2
-    k = sigma.size
-    evidences = []
-    for cls in np.unique(labels):
-        y = (labels == cls).astype(np.float64)
-        x = u.T @ y
-        x2 = x**2
-        residual_outside = max(float(y @ y - x2.sum()), 0.0)
-        alpha, beta = 1.0, 1.0
-        for _ in range(max_iter):
-            t = alpha / beta
-            gamma = float((sigma / (sigma + t)).sum())
-            m2 = float((sigma * x2 / (t + sigma) ** 2).sum())
-            res2 = float((x2 / (1 + sigma / t) ** 2).sum()) + residual_outside
-            alpha = gamma / (m2 + 1e-5)
-            beta = (n - gamma) / (res2 + 1e-5)
-            if abs(alpha / beta - t) / t <= 1e-3:
-                break
-        evidence = (
-            d / 2 * np.log(alpha)
-            + n / 2 * np.log(beta)
-            - 0.5 * (np.log(alpha + beta * sigma).sum() + (d - k) * np.log(alpha))
-            - beta / 2 * res2
-            - alpha / 2 * m2
-            - n / 2 * np.log(2 * np.pi)
-        )
-        evidences.append(evidence / n)
-    return float(np.mean(evidences))
+from graft.transferability import logme
 
 
 def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, seed: int) -> float:
@@ -58,9 +23,9 @@ def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, 
     return float((probe.predict(val_x) == val_y).mean())
 
 
-def features(params: config.Params, *, pretrained_dir: Path, prepared_dir: Path, out_dir: Path,
-             report: Path) -> dict:
-    """Embed train/val/test and write one .npy per split plus the transferability report."""
+def features(params: config.Params, *, pretrained_dir: Path, prepared_dir: Path, out_dir: Path) -> dict:
+    """Embed train/val/test with the chosen backbone's last layer and write one .npy per split
+    (the per-layer, per-candidate scores are the select stage's)."""
     splits = {split: prepared_dir / f"{split}.parquet" for split in SPLITS}
     require(pretrained_dir / "config.json", *splits.values())
     device = select_device()
@@ -88,9 +53,6 @@ def features(params: config.Params, *, pretrained_dir: Path, prepared_dir: Path,
         "dims": int(embedded["train"].shape[1]),
         "rows": {split: int(m.shape[0]) for split, m in embedded.items()},
     }
-    write_json(report, result)
-    # run facts stay out of the report: it is a dependency of register, and must not change
-    # when the same features are computed again
     return {**result, "seconds": round(time.perf_counter() - started, 2), "device": device.type}
 
 
@@ -98,7 +60,7 @@ def features(params: config.Params, *, pretrained_dir: Path, prepared_dir: Path,
 def main() -> None:
     layout = Layout()
     result = features(config.load(), pretrained_dir=layout.pretrained_dir, prepared_dir=layout.prepared_dir,
-                      out_dir=layout.features_dir, report=layout.transferability)
+                      out_dir=layout.features_dir)
     print(  # noqa: T201
         f"features: {sum(result['rows'].values())} texts embedded in {result['seconds']}s; "
         f"LogME {result['logme']:.3f}, frozen probe val accuracy {result['probe_val_accuracy']:.3f}"

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from graft import config
 from graft.baselines import fit_tfidf, save_tfidf
-from graft.errors import exits_cleanly
+from graft.errors import GraftError, exits_cleanly
 from graft.files import atomic_path, read_json, sha256_file, write_json
 from graft.layout import Layout, require
 from graft.modeling import (
@@ -62,13 +62,24 @@ def _settings(params: config.Params, *, lr: float, epochs: int) -> FitSettings:
     )
 
 
+def resolve_freeze_layers(freeze_layers: int | str, layout: Layout) -> int:
+    """train.freeze_layers as a block count; `auto` is the select stage's choice from the chosen
+    backbone's per-layer LogME (graft.transferability.freeze_depth), kept in its manifest."""
+    if freeze_layers != "auto":
+        return int(freeze_layers)
+    selection = read_json(layout.manifest).get("selection")
+    if selection is None:
+        raise GraftError(f"{layout.manifest}: no selection; train.freeze_layers auto needs the select stage's scores")
+    return int(selection["freeze_layers_auto"])
+
+
 def train_transformer(params: config.Params, strategy: str, *, classes: list[str], data: dict, layout: Layout,
                       device: torch.device, data_digest: str) -> tuple[torch.nn.Module, dict]:
     """Build, adapt, fit and describe one transformer candidate (`scratch` included)."""
     t = params.train
     trust = params.model.trust_remote_code
     lr, epochs, freeze = {
-        "partial": (t.lr, t.epochs, t.freeze_layers),
+        "partial": (t.lr, t.epochs, resolve_freeze_layers(t.freeze_layers, layout)),
         "full": (t.full.lr, t.full.epochs, 0),
         "lora": (t.lora.lr, t.lora.epochs, 0),
         "scratch": (t.scratch.lr, t.scratch.epochs, 0),
