@@ -12,7 +12,7 @@ import io
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -117,7 +117,7 @@ class TrainParams(_Section):
         min_length=1,
         description="Transfer strategies to train (linear_probe, partial, full, lora); each is a candidate.",
     )
-    freeze_layers: int | Literal["auto"] = Field(ge=0, description=(
+    freeze_layers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(description=(
         "`partial`: lowest encoder layers kept frozen (with the embeddings). auto: every block up to the layer "
         "whose features score best (LogME, select stage), at most layers - 1."))
     budget_seconds: float | None = Field(gt=0, description=(

@@ -20,7 +20,13 @@ from graft.errors import GraftError, exits_cleanly
 from graft.files import atomic_path, read_json, write_json
 from graft.layout import Layout, require
 from graft.modeling import embed_layers, load_encoder, load_tokenizer, select_device
-from graft.transferability import RANK_LAYER, RANK_SCORE, freeze_depth, rank_candidates, score_layers
+from graft.transferability import (
+    RANK_LAYER,
+    RANK_SCORE,
+    freeze_depth,
+    rank_candidates,
+    score_layers,
+)
 
 # a training step costs about three forward passes (the backward pass is about two)
 BACKWARD_FACTOR = 3.0

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize
 
-from graft.transferability import freeze_depth, hscore, knn_accuracy, logme, rank_candidates, score_layers
+from graft.transferability import (
+    freeze_depth,
+    hscore,
+    knn_accuracy,
+    logme,
+    rank_candidates,
+    score_layers,
+)
 
 # LogME's fixed point against a direct maximisation: per-sample log evidence, absolute
 LOGME_TOLERANCE = 1e-4
