@@ -391,7 +391,7 @@ def evaluate(params: config.Params, *, layout: Layout | None = None) -> dict:
     write_json(layout.gate, result["gate"])
     atomic_write_text(layout.report_html, render_html(
         transfer=result["transfer"], gate=result["gate"], bias=result["bias"], robustness=result["robustness"],
-        datacard=card, plots=images))
+        datacard=card, plots=images, selection=read_json(layout.manifest).get("selection")))
     # run facts go to a report no stage depends on: register reads the reports above, and must
     # find them unchanged when the same models are evaluated again
     result["run_facts"] = {"seconds": round(time.perf_counter() - started, 2),

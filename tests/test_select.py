@@ -117,3 +117,28 @@ def test_train_uses_the_winner_and_the_auto_freezing_depth(two_candidates: Path)
     assert partial["model_type"] == winner_type == "bert"
     state = read_json(layout.finetuned_dir / "partial" / TRAINING_STATE)
     assert state["freeze_layers"] == selection["freeze_layers_auto"]
+
+
+@pytest.mark.parametrize("freeze", [1, 2])
+def test_mpnet_runs_exactly_from_a_cached_frozen_prefix(tmp_path: Path, freeze: int):
+    """MPNet adds a relative position bias that its encoder computes from the sequence (not from
+    the blocks): `partial`'s cached-prefix path must give the full forward's logits."""
+    import torch
+
+    from graft.modeling import build_classifier, load_tokenizer, tokenize
+    from graft.training import _collate_hidden, frozen_outputs, frozen_prefix_removed
+
+    texts = pd_texts(NEWS_CSV)[:6]
+    model_dir = build_tiny_mpnet(tmp_path / "mpnet", pd_texts(NEWS_CSV))
+    tokenizer = load_tokenizer(model_dir)
+    model = build_classifier(model_dir, classes=["a", "b", "c"], from_scratch=False, trust_remote_code=False,
+                             name="partial").eval()
+    ids = tokenize(tokenizer, texts, 24)
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        full = model(**tokenizer.pad({"input_ids": ids}, return_tensors="pt")).logits
+        cached = frozen_outputs(model, tokenizer, ids, freeze_layers=freeze, batch_size=4, device=cpu, desc="cache")
+        with frozen_prefix_removed(model, freeze):
+            resumed = model(**_collate_hidden(cached, cpu)).logits
+    assert len({len(i) for i in ids}) > 1  # padding is exercised
+    torch.testing.assert_close(resumed, full, atol=1e-5, rtol=1e-5)
