@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import time
 from pathlib import Path
 
 import pandas as pd
 import yaml
+from stages import run_stages  # benchmarks/stages.py (the script's folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 REVIEWS = REPO.parent / "shared" / "data" / "reviews"
@@ -48,15 +47,7 @@ def scenarios(scratch: Path, test_rows: int, seed: int) -> dict[str, tuple[Path,
 
 
 def run_scenario(name: str, labelled: Path, unlabelled: Path, adapt: dict, *, scratch: Path, args) -> dict:
-    from graft import config
     from graft.layout import Layout
-    from graft.pins import write_sources
-    from tasks.adapt import adapt as adapt_stage
-    from tasks.evaluate import evaluate
-    from tasks.features import features
-    from tasks.fetch import fetch
-    from tasks.prepare import prepare
-    from tasks.train import train
 
     root = scratch / name
     shutil.rmtree(root, ignore_errors=True)
@@ -73,27 +64,12 @@ def run_scenario(name: str, labelled: Path, unlabelled: Path, adapt: dict, *, sc
     params["adapt"]["mlm"].update(max_texts=args.max_texts, epochs=args.mlm_epochs)
     params["evaluate"]["max_probe_texts"] = 50  # probes are not what is measured here
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    os.chdir(root)
-    p = config.load(root / "params.yaml")
     layout = Layout(root)
-    seconds = {}
-
-    def timed(stage, fn):
-        started = time.perf_counter()
-        out = fn()
-        seconds[stage] = round(time.perf_counter() - started, 1)
-        return out
-
-    write_sources(p, layout)
-    card = timed("prepare", lambda: prepare(p, source_file=layout.data_source_file, raw_dir=layout.raw_dir,
-                                            out_dir=layout.prepared_dir, datacard_md=layout.datacard_md,
-                                            plot=layout.plots_dir / "text_lengths.png"))
-    timed("fetch", lambda: fetch(p, source_file=layout.model_source_file, out_dir=layout.pretrained_dir))
-    timed("features", lambda: features(p, pretrained_dir=layout.pretrained_dir, prepared_dir=layout.prepared_dir,
-                                       out_dir=layout.features_dir, report=layout.transferability))
-    adapted = timed("adapt", lambda: adapt_stage(p, layout=layout))
-    timed("train", lambda: train(p, layout=layout))
-    result = timed("evaluate", lambda: evaluate(p, layout=layout))
+    seconds = run_stages(root, ("prepare", "fetch", "select", "features", "adapt", "train", "evaluate"))
+    card = json.loads(layout.datacard.read_text())
+    adapted = json.loads(layout.adapt_report.read_text())
+    result = {"transfer": json.loads(layout.transfer.read_text()),
+              "adaptation": json.loads(layout.adaptation.read_text())}
     candidates = {n: {"test_accuracy": c["test"]["accuracy"], "accuracy_ci": c["test"]["accuracy_ci"],
                       "val_accuracy": c.get("val", {}).get("accuracy")}
                   for n, c in result["transfer"]["candidates"].items()}

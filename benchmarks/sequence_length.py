@@ -34,6 +34,7 @@ from graft.pins import write_sources
 from graft.training import FitSettings, fit, prepare_strategy
 from tasks.fetch import fetch
 from tasks.prepare import prepare
+from tasks.select import select
 
 
 def main() -> None:
@@ -53,7 +54,9 @@ def main() -> None:
         write_sources(params, layout)
         prepare(params, source_file=layout.data_source_file, raw_dir=layout.raw_dir, out_dir=layout.prepared_dir,
                 datacard_md=layout.datacard_md, plot=layout.plots_dir / "text_lengths.png")
-        fetch(params, source_file=layout.model_source_file, out_dir=layout.pretrained_dir)
+        fetch(params, source_file=layout.model_source_file, out_dir=layout.candidates_dir)
+        select(params, candidates_dir=layout.candidates_dir, prepared_dir=layout.prepared_dir,
+               out_dir=layout.pretrained_dir, report=layout.transferability, plot=layout.transferability_plot)
         train, val = (pd.read_parquet(layout.split_file(s)) for s in ("train", "val"))
         tokenizer = load_tokenizer(layout.pretrained_dir)
         m = params.model

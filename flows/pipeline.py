@@ -25,7 +25,7 @@ from graft.errors import ERROR_PREFIX, GraftError
 from graft.layout import Layout
 from graft.pins import experiment_pins, local_sources_inside, write_sources
 
-STAGES = ("prepare", "fetch", "features", "adapt", "curve", "domain", "train", "evaluate", "register")
+STAGES = ("prepare", "fetch", "select", "features", "adapt", "curve", "domain", "train", "evaluate", "register")
 
 
 class StageFailed(GraftError):
@@ -207,7 +207,7 @@ def publish_run_facts(root: str) -> None:
     registration = read_json(layout.registration)
     client = mlflow.MlflowClient(tracking_uri=registration["tracking_uri"])
     run_id = registration["run_id"]
-    for report in (layout.train_report, layout.evaluate_report):
+    for report in (layout.transferability, layout.train_report, layout.evaluate_report):
         if report.exists():
             client.log_artifact(run_id, str(report), artifact_path="reports")
     if layout.train_report.exists():
@@ -232,7 +232,7 @@ def _crashed(flow_run_id: str) -> None:
 @flow(name="graft-pipeline")
 def pipeline(params: runs.ParamOverrides | None = None, overrides: list[str] | None = None,  # type: ignore[valid-type]
              root: str = ".", push: bool = True, write_params: bool = False) -> list[dict]:
-    """prepare → fetch → features → adapt → train → evaluate → register, each through DVC.
+    """prepare → fetch → select → features → adapt → curve → domain → train → evaluate → register, each through DVC.
 
     `params` (the UI's form) and `overrides` (`KEY=VALUE`, as `graft run -S`) change params for
     this run only: the run is a DVC experiment and params.yaml stays as committed, unless

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from graft.errors import ERROR_PREFIX, EXIT_INTERNAL, GraftError
 
-STAGE_NAMES = ("prepare", "fetch", "features", "adapt", "curve", "domain", "train", "evaluate", "register")
+STAGE_NAMES = ("prepare", "fetch", "select", "features", "adapt", "curve", "domain", "train", "evaluate", "register")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -86,6 +86,12 @@ class ModelParams(_Section):
     truncation: Literal["head", "tail", "head_tail"] = Field(description=(
         "Tokens kept of a longer text: head (its start), tail (its end), or head_tail (the first quarter and the "
         "last three quarters of the window, Sun et al. 2019)."))
+    candidates: list[str] = Field(description=(
+        "More backbones (refs like model.ref, at their newest revision) ranked beside model.ref by the select "
+        "stage's transferability scores; empty: model.ref only."))
+    select: Literal["auto", "ref"] = Field(description=(
+        "auto: the best-ranked candidate (LogME on layer-averaged features) whose estimated fine-tuning time "
+        "fits train.budget_seconds; ref: model.ref whatever the scores."))
 
     @field_validator("max_length", mode="before")
     @classmethod
@@ -163,7 +169,12 @@ class TrainParams(_Section):
         min_length=1,
         description="Transfer strategies to train (linear_probe, partial, full, lora); each is a candidate.",
     )
-    freeze_layers: int = Field(ge=0, description="`partial`: lowest encoder layers kept frozen (with the embeddings).")
+    freeze_layers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(description=(
+        "`partial`: lowest encoder layers kept frozen (with the embeddings). auto: every block up to the layer "
+        "whose features score best (LogME, select stage), at most layers - 1."))
+    budget_seconds: float | None = Field(gt=0, description=(
+        "model.select auto: fine-tune only a candidate whose estimated training time (its measured forward "
+        "seconds per row x rows x epochs x 3 for the backward pass) fits; null: no limit."))
     lr: float = Field(gt=0, description="`partial`: AdamW learning rate.")
     weight_decay: float = Field(ge=0, description="AdamW weight decay.")
     epochs: int = Field(gt=0, description="`partial`: passes over the training split.")

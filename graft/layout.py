@@ -79,12 +79,34 @@ class Layout:
 
     # fetch
     @property
+    def candidates_dir(self) -> Path:
+        """Every candidate backbone (model.ref first, then model.candidates), one folder each."""
+        return self._p("models/candidates")
+
+    @property
+    def candidates_index(self) -> Path:
+        """The candidates in order: folder name and ref."""
+        return self.candidates_dir / "index.json"
+
+    # select
+    @property
     def pretrained_dir(self) -> Path:
+        """THE backbone: the chosen candidate, which features, train, evaluate and register use."""
         return self._p("models/pretrained")
 
     @property
     def manifest(self) -> Path:
+        """The backbone's files, architecture and the selection (ranking, freezing depth)."""
         return self.pretrained_dir / "manifest.json"
+
+    @property
+    def transferability(self) -> Path:
+        """Per candidate, per layer, per score, with seconds (run facts: nothing depends on it)."""
+        return self._p("reports/transferability.json")
+
+    @property
+    def transferability_plot(self) -> Path:
+        return self._p("reports/plots/transferability.png")
 
     # features
     @property
@@ -119,10 +141,6 @@ class Layout:
     def adapt_report(self) -> Path:
         """adapt's run facts (seconds, losses): no stage depends on them."""
         return self._p("reports/adapt.json")
-
-    @property
-    def transferability(self) -> Path:
-        return self._p("reports/transferability.json")
 
     @property
     def sequence_length(self) -> Path:

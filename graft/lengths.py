@@ -153,6 +153,18 @@ class Tokenization:
     truncation: str
 
 
+def for_backbone(model_params, tokenizer, encoder_config, train_texts: Sequence[str]) -> tuple[Tokenization, dict]:
+    """The length and truncation one backbone cuts texts to (`auto` resolved on the train texts
+    with its own tokenizer and positions), and the facts: what features writes for THE backbone
+    and select uses to score each candidate at the length it would get."""
+    lengths = token_lengths(tokenizer, train_texts)
+    max_length, facts = resolve_max_length(model_params.max_length, lengths, coverage=model_params.length_coverage,
+                                           budget=model_params.length_budget,
+                                           cap=backbone_cap(encoder_config, tokenizer))
+    return (Tokenization(max_length=max_length, truncation=model_params.truncation),
+            {**facts, "truncation": model_params.truncation})
+
+
 def recipe(tokenization: Tokenization, *, requested: int | str) -> dict:
     """The features stage's record of how it tokenized (deterministic: no run facts)."""
     return {"max_length": tokenization.max_length, "truncation": tokenization.truncation, "requested": requested}

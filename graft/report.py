@@ -22,6 +22,7 @@ from graft.stats import verdict_sentence  # noqa: E402
 SECTIONS = {
     "summary": "Summary",
     "candidates": "Candidates",
+    "backbone": "Backbone choice",
     "adaptation": "Domain adaptation",
     "confusion": "Confusion matrix",
     "groups": "Per-group metrics",
@@ -298,6 +299,22 @@ def findings(transfer: Mapping, bias: Mapping, robustness: Mapping) -> list[str]
     return out
 
 
+def _backbone(selection: Mapping | None) -> str:
+    """The select stage's ranking (scores on layer-averaged frozen features), the choice and the
+    freezing depth that train.freeze_layers auto takes."""
+    if not selection:
+        return "<p>No backbone selection recorded (models/pretrained/manifest.json).</p>"
+    rows = [[r["candidate"], r["ref"], r["logme"], r["hscore"], r["knn_val_accuracy"],
+             "chosen" if r["candidate"] == selection["chosen"] else
+             next((s["reason"] for s in selection["skipped"] if s["candidate"] == r["candidate"]), "")]
+            for r in selection["ranked"]]
+    return (f"<p>{html_text(selection['rule'])}. Chosen: <code>{html_text(selection['ref'])}</code>; "
+            f"freeze_layers auto: {selection['freeze_layers_auto']}. A score ranks backbones on this data set; "
+            "alone it means nothing.</p>"
+            + _table(["candidate", "ref", "LogME", "H-score", "k-NN val accuracy", "choice"], rows)
+            + "<p>Per layer and with seconds: reports/transferability.json and reports/plots/transferability.png.</p>")
+
+
 def _summary(transfer: Mapping, gate: Mapping, bias: Mapping, robustness: Mapping) -> str:
     verdict = transfer["verdict"]
     items = "".join(f"<li>{html_text(f)}</li>" for f in findings(transfer, bias, robustness))
@@ -330,7 +347,8 @@ def _direction_cells(direction: Mapping | None) -> list:
 
 def render_html(*, transfer: Mapping, gate: Mapping, bias: Mapping, robustness: Mapping, datacard: Mapping,
                 plots: Mapping[str, bytes | None], sequence_length: Mapping | None = None,
-                extra: Mapping[str, tuple[str, str]] | None = None, adaptation: Mapping | None = None) -> str:
+                extra: Mapping[str, tuple[str, str]] | None = None, adaptation: Mapping | None = None,
+                selection: Mapping | None = None) -> str:
     """One self-contained page with every section of SECTIONS, in that order, then `extra`
     ({id: (title, html)}: optional stages' sections, e.g. the curve, when they ran)."""
     proposed = transfer["proposed"]
@@ -342,6 +360,7 @@ def render_html(*, transfer: Mapping, gate: Mapping, bias: Mapping, robustness: 
           c["test"]["macro_f1"], _interval(c["test"]["macro_f1_ci"])]
          for n, c in transfer["candidates"].items()]) + _img(plots.get("candidates"), "candidates") + _seeds(transfer)
     parts["adaptation"] = _adaptation_section(adaptation or {}, level)
+    parts["backbone"] = _backbone(selection)
     parts["confusion"] = _img(plots.get("confusion"), "confusion matrix")
     if bias.get("groups"):
         rows = []

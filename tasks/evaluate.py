@@ -467,6 +467,7 @@ def evaluate(params: config.Params, *, layout: Layout | None = None) -> dict:
     atomic_write_text(layout.report_html, render_html(
         transfer=result["transfer"], gate=result["gate"], bias=result["bias"], robustness=result["robustness"],
         datacard=card, sequence_length=lengths, extra=optional_sections(layout), adaptation=result["adaptation"],
+        selection=read_json(layout.manifest).get("selection"),
         plots={**images, "token_lengths": token_lengths_png(lengths) if lengths else None}))
     # run facts go to a report no stage depends on: register reads the reports above, and must
     # find them unchanged when the same models are evaluated again

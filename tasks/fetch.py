@@ -1,7 +1,9 @@
-"""fetch: resolve the model reference and copy weights + tokenizer into models/pretrained/."""
+"""fetch: resolve every candidate backbone (model.ref, model.candidates) and copy its weights +
+tokenizer into models/candidates/<n>-<name>/; the select stage picks THE backbone among them."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from fnmatch import fnmatch
 from pathlib import Path
@@ -108,31 +110,61 @@ def check_source_file(params: config.ModelParams, source_file: Path) -> str | No
     return pinned.get("model_source_commit")
 
 
+def candidate_refs(params: config.ModelParams) -> list[tuple[str, str | None]]:
+    """model.ref (at model.revision) first, then model.candidates (their newest revision); a ref
+    listed twice counts once."""
+    refs = [(params.ref, params.revision)]
+    refs += [(ref, None) for ref in params.candidates if ref != params.ref]
+    return list(dict.fromkeys(refs))
+
+
+def candidate_slug(index: int, ref: str) -> str:
+    """A folder name per candidate: its position and the ref's last part (refs may be paths)."""
+    tail = re.sub(r"[^A-Za-z0-9._-]+", "-", ref.rstrip("/").split("/")[-1]).strip("-.") or "model"
+    return f"{index}-{tail[:60]}"
+
+
+def fetch_one(ref: str, revision: str | None, *, commit: str | None, trust_remote_code: bool, dst: Path) -> dict:
+    """Resolve, copy, verify and describe one backbone into `dst` (which must not exist)."""
+    src, origin = resolve(ref, revision, commit=commit, trust_remote_code=trust_remote_code)
+    kept = copy_model(src, dst, trust_remote_code=trust_remote_code)
+    manifest = {
+        "source": origin,
+        "files": {name: {"sha256": sha256_file(dst / name), "bytes": (dst / name).stat().st_size} for name in kept},
+        "architecture": describe(dst, trust_remote_code=trust_remote_code, source=src),
+    }
+    write_json(dst / "manifest.json", manifest)
+    return manifest
+
+
 def fetch(params: config.Params, *, source_file: Path, out_dir: Path) -> dict:
-    """Resolve, copy, verify and describe the backbone; return the manifest."""
+    """Fetch every candidate backbone into its own folder of `out_dir`; return the index
+    ({"candidates": [{"folder", "ref", "manifest"}]}, model.ref first). model.ref is fetched at
+    the commit pinned in `source_file`."""
     m = params.model
     commit = check_source_file(m, source_file)
-    src, origin = resolve(m.ref, m.revision, commit=commit, trust_remote_code=m.trust_remote_code)
+    entries = []
     with atomic_path(out_dir) as tmp:
-        kept = copy_model(src, tmp, trust_remote_code=m.trust_remote_code)
-        manifest = {
-            "source": origin,
-            "files": {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size} for name in kept},
-            "architecture": describe(tmp, trust_remote_code=m.trust_remote_code, source=src),
-        }
-        write_json(tmp / "manifest.json", manifest)
-    return manifest
+        tmp.mkdir()
+        for index, (ref, revision) in enumerate(candidate_refs(m)):
+            folder = candidate_slug(index, ref)
+            manifest = fetch_one(ref, revision, commit=commit if index == 0 else None,
+                                 trust_remote_code=m.trust_remote_code, dst=tmp / folder)
+            entries.append({"folder": folder, "ref": ref, "manifest": manifest})
+        write_json(tmp / "index.json", {"candidates": [{"folder": e["folder"], "ref": e["ref"]} for e in entries]})
+    return {"candidates": entries}
 
 
 @exits_cleanly
 def main() -> None:
     layout = Layout()
-    manifest = fetch(config.load(), source_file=layout.model_source_file, out_dir=layout.pretrained_dir)
-    arch = manifest["architecture"]
-    print(  # noqa: T201
-        f"fetch: {manifest['source']['ref']} -> {layout.pretrained_dir} "
-        f"({arch['model_type']}, {arch['num_hidden_layers']} layers, {arch['num_parameters']:,} parameters)"
-    )
+    index = fetch(config.load(), source_file=layout.model_source_file, out_dir=layout.candidates_dir)
+    for entry in index["candidates"]:
+        arch = entry["manifest"]["architecture"]
+        print(  # noqa: T201
+            f"fetch: {entry['ref']} -> {layout.candidates_dir / entry['folder']} "
+            f"({arch['model_type']}, {arch['num_hidden_layers']} layers, {arch['num_parameters']:,} parameters)"
+        )
 
 
 if __name__ == "__main__":

@@ -17,10 +17,10 @@ from graft.layout import SPLITS, Layout, require
 
 
 def logged_reports(layout: Layout) -> tuple[Path, ...]:
-    """The reports register logs to the run. train.json and evaluate.json hold run facts
+    """The reports register logs to the run. transferability.json, train.json and evaluate.json hold run facts
     (seconds, throughput): the flow logs them afterwards, so that register does not depend on
     them and re-running a stage with nothing changed registers nothing new."""
-    return (layout.metrics, layout.transfer, layout.gate, layout.transferability, layout.bias, layout.robustness,
+    return (layout.metrics, layout.transfer, layout.gate, layout.bias, layout.robustness,
             layout.report_html, layout.datacard_md)
 
 

@@ -66,6 +66,17 @@ def _settings(params: config.Params, tokens: Tokenization, *, lr: float, epochs:
     )
 
 
+def resolve_freeze_layers(freeze_layers: int | str, layout: Layout) -> int:
+    """train.freeze_layers as a block count; `auto` is the select stage's choice from the chosen
+    backbone's per-layer LogME (graft.transferability.freeze_depth), kept in its manifest."""
+    if freeze_layers != "auto":
+        return int(freeze_layers)
+    selection = read_json(layout.manifest).get("selection")
+    if selection is None:
+        raise GraftError(f"{layout.manifest}: no selection; train.freeze_layers auto needs the select stage's scores")
+    return int(selection["freeze_layers_auto"])
+
+
 def train_transformer(params: config.Params, strategy: str, *, classes: list[str], data: dict, layout: Layout,
                       tokens: Tokenization, device: torch.device, data_digest: str,
                       backbone_dir: Path | None = None, run_name: str | None = None) -> tuple[torch.nn.Module, dict]:
@@ -77,7 +88,7 @@ def train_transformer(params: config.Params, strategy: str, *, classes: list[str
     t = params.train
     trust = params.model.trust_remote_code
     lr, epochs, freeze = {
-        "partial": (t.lr, t.epochs, t.freeze_layers),
+        "partial": (t.lr, t.epochs, resolve_freeze_layers(t.freeze_layers, layout)),
         "full": (t.full.lr, t.full.epochs, 0),
         "lora": (t.lora.lr, t.lora.epochs, 0),
         "scratch": (t.scratch.lr, t.scratch.epochs, 0),

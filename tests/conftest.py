@@ -216,7 +216,8 @@ def load_params(root: Path):
 
 
 def run_fetch(root: Path, params=None) -> dict:
-    """The fetch stage's function on the workspace's layout (sources pinned for `params`)."""
+    """The fetch stage's function on the workspace's layout (sources pinned for `params`):
+    returns model.ref's manifest (the first candidate's)."""
     from graft.layout import Layout
     from graft.pins import write_sources
     from tasks.fetch import fetch
@@ -224,7 +225,16 @@ def run_fetch(root: Path, params=None) -> dict:
     params = params or load_params(root)
     layout = Layout(root)
     write_sources(params, layout)
-    return fetch(params, source_file=layout.model_source_file, out_dir=layout.pretrained_dir)
+    return fetch(params, source_file=layout.model_source_file, out_dir=layout.candidates_dir)["candidates"][0]["manifest"]
+
+
+def run_select(root: Path, params=None) -> dict:
+    from graft.layout import Layout
+    from tasks.select import select
+
+    layout = Layout(root)
+    return select(params or load_params(root), candidates_dir=layout.candidates_dir, prepared_dir=layout.prepared_dir,
+                  out_dir=layout.pretrained_dir, report=layout.transferability, plot=layout.transferability_plot)
 
 
 def run_features(root: Path, params=None) -> dict:
@@ -233,7 +243,7 @@ def run_features(root: Path, params=None) -> dict:
 
     layout = Layout(root)
     return features(params or load_params(root), pretrained_dir=layout.pretrained_dir,
-                    prepared_dir=layout.prepared_dir, out_dir=layout.features_dir, report=layout.transferability,
+                    prepared_dir=layout.prepared_dir, out_dir=layout.features_dir,
                     length_report=layout.sequence_length, length_plot=layout.token_lengths_plot)
 
 
@@ -262,7 +272,7 @@ def all_strategies_evaluated(tmp_path_factory) -> Path:
 
 
 def run_through_evaluate(root: Path) -> Path:
-    """prepare, fetch, features, train and evaluate by their functions, in `root`."""
+    """prepare, fetch, select, features, train and evaluate by their functions, in `root`."""
     from tasks.evaluate import evaluate
     from tasks.train import train
 
@@ -271,6 +281,7 @@ def run_through_evaluate(root: Path) -> Path:
         params = load_params(root)
         run_prepare(root)
         run_fetch(root)
+        run_select(root)
         run_features(root)
         train(params)
         evaluate(params)

@@ -24,6 +24,7 @@ from .conftest import (
     run_features,
     run_fetch,
     run_prepare,
+    run_select,
     tiny_params,
 )
 
@@ -65,6 +66,7 @@ def adapted(tmp_path_factory, tiny_model_dir) -> Path:
         params = load_params(root)
         run_prepare(root)
         run_fetch(root)
+        run_select(root)
         run_features(root)
         adapt(params, layout=Layout(root))
         train(params)

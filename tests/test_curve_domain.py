@@ -31,6 +31,7 @@ from .conftest import (
     run_features,
     run_fetch,
     run_prepare,
+    run_select,
     tiny_params,
 )
 
@@ -49,6 +50,7 @@ def featured(tmp_path_factory, tiny_model_dir):
         patch.chdir(root)
         run_prepare(root)
         run_fetch(root)
+        run_select(root)
         run_features(root)
     return root
 

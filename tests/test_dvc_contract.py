@@ -25,7 +25,7 @@ from graft.layout import SPLITS
 
 from .conftest import REPO, make_workspace, pin_sources, tiny_params
 
-STAGES = ("prepare", "fetch", "features", "adapt", "curve", "domain", "train", "evaluate", "register")
+STAGES = ("prepare", "fetch", "select", "features", "adapt", "curve", "domain", "train", "evaluate", "register")
 # What a stage may touch without declaring it: tracking stores and DVC's own files.
 UNDECLARED_OK = ("mlruns.db", "mlartifacts", ".dvc", ".git", "params.yaml",
                  # train's resume state: deliberately not a dependency (a checkpoint is used only

@@ -10,9 +10,9 @@ import torch
 from graft.files import read_json
 from graft.layout import Layout
 from graft.modeling import embed, embed_layers, length_sorted_batches, load_encoder, load_tokenizer
-from tasks.features import logme
+from graft.transferability import logme
 
-from .conftest import run_features, run_fetch, run_prepare
+from .conftest import run_features, run_fetch, run_prepare, run_select
 
 
 def test_length_sorted_batches_cover_every_index_once():
@@ -35,12 +35,14 @@ def test_logme_prefers_informative_features():
 def test_features_per_split_match_unbatched_embedding(workspace: Path, tiny_model_dir: Path):
     run_prepare(workspace)
     run_fetch(workspace)
+    run_select(workspace)
     result = run_features(workspace)
     layout = Layout(workspace)
     assert result["rows"] == {"train": 18, "val": 12, "test": 18}
-    report = read_json(layout.transferability)
-    assert report["dims"] == 32
-    assert "seconds" not in report and "device" not in report  # run facts stay out of a dependency
+    assert result["dims"] == 32
+    # the backbone's manifest (a dependency of train and register) carries the choice, no seconds
+    selection = read_json(layout.manifest)["selection"]
+    assert "seconds" not in str(selection)
     train = np.load(layout.features_file("train"))
     assert train.shape == (18, 32) and np.isfinite(train).all()
 

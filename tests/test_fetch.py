@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from graft.errors import GraftError
-from graft.files import sha256_file
+from graft.files import read_json, sha256_file
 from graft.layout import Layout
 from tasks.fetch import resolve
 
 from .conftest import load_params, run_fetch
 
-OUT_DIR = Layout().pretrained_dir  # relative: the workspace fixture is the current directory
+OUT_DIR = Layout().candidates_dir  # relative: the workspace fixture is the current directory
 
 
 def test_local_folder_is_copied_with_a_manifest(workspace: Path, tiny_model_dir: Path):
@@ -26,8 +26,10 @@ def test_local_folder_is_copied_with_a_manifest(workspace: Path, tiny_model_dir:
     assert "model.safetensors" in manifest["files"]
     for name, info in manifest["files"].items():
         assert info["sha256"] == sha256_file(tiny_model_dir / name)
-        assert (OUT_DIR / name).exists()
-    assert (OUT_DIR / "manifest.json").exists()
+        assert (OUT_DIR / f"0-{tiny_model_dir.name}" / name).exists()
+    assert (OUT_DIR / f"0-{tiny_model_dir.name}" / "manifest.json").exists()
+    assert read_json(OUT_DIR / "index.json") == {"candidates": [{"folder": f"0-{tiny_model_dir.name}",
+                                                                 "ref": str(tiny_model_dir)}]}
 
 
 def test_installed_package_reference_resolves():

@@ -91,7 +91,7 @@ def _foreign_tokenizer(src: Path, dst: Path) -> Path:
 ], ids=["no-tokenizer-files", "foreign-tokenizer"])
 def test_a_model_without_its_tokenizer_is_refused_in_fetch(workspace, tiny_model_dir, tmp_path, make, message):
     run_fetch(workspace)  # a good backbone fetched before: it must stay
-    pretrained = Layout(workspace).pretrained_dir
+    pretrained = Layout(workspace).candidates_dir
     before = _digests(pretrained)
     bad = make(tiny_model_dir, tmp_path / "bad-model")
     params = load_params(workspace)

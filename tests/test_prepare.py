@@ -214,5 +214,5 @@ def test_stale_source_pin_is_named(workspace: Path, tmp_path: Path):
 def test_a_stage_whose_inputs_are_missing_names_the_stage_to_run_first(workspace: Path):
     proc = subprocess.run([sys.executable, "-m", "tasks.features"], cwd=workspace, capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("graft: error: models/pretrained/config.json: input not found; run the 'fetch' "
-                                   "stage first (graft stage fetch)")
+    assert proc.stderr.strip() == ("graft: error: models/pretrained/config.json: input not found; run the 'select' "
+                                   "stage first (graft stage select)")

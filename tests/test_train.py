@@ -20,13 +20,14 @@ from graft.lengths import resolved_tokenization
 from graft.modeling import load_classifier, load_tokenizer, predict_proba
 from tasks.train import train
 
-from .conftest import load_params, run_features, run_fetch, run_prepare
+from .conftest import load_params, run_features, run_fetch, run_prepare, run_select
 
 
 @pytest.fixture
 def prepared(workspace: Path) -> Path:
     run_prepare(workspace)
     run_fetch(workspace)
+    run_select(workspace)
     run_features(workspace)
     return workspace
 
