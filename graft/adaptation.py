@@ -48,43 +48,95 @@ def load_masked_lm(model_dir: Path, *, trust_remote_code: bool) -> tuple[torch.n
     return model, sorted(info.get("missing_keys", []))
 
 
+def _lm_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The masked-LM head when it is one module beside the encoder (BERT's `cls`, MPNet's and
+    RoBERTa's `lm_head`); None when it is not (DistilBERT's is three), and the model's own loss
+    over every position is used instead."""
+    heads = [m for name, m in model.named_children() if name != model.base_model_prefix]
+    return heads[0] if len(heads) == 1 else None
+
+
+def masked_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   labels: torch.Tensor) -> torch.Tensor:
+    """The masked-LM cross-entropy, the vocabulary projection computed at the masked positions
+    only (about 15% of them): the same loss as `model(..., labels=labels).loss`, without the
+    (tokens x vocabulary) logits of every position."""
+    head = _lm_head(model)
+    if head is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    hidden = getattr(model, model.base_model_prefix)(input_ids=input_ids, attention_mask=attention_mask)[0]
+    chosen = labels != -100
+    logits = head(hidden[chosen])
+    return torch.nn.functional.cross_entropy(logits.float(), labels[chosen])
+
+
+def _masked_batches(tokenizer, ids, batches, order, *, mask_probability, generator):
+    for b in order:
+        batch = tokenizer.pad({"input_ids": [ids[i] for i in batches[b]]}, return_tensors="pt")
+        special = torch.tensor([tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True)
+                                for row in batch["input_ids"].tolist()], dtype=torch.bool)
+        special |= batch["attention_mask"] == 0
+        inputs, labels = mask_tokens(batch["input_ids"], special, mask_id=tokenizer.mask_token_id,
+                                     vocab_size=len(tokenizer), probability=mask_probability, generator=generator)
+        if (labels != -100).any():  # else nothing masked in this batch (short texts): no loss to learn from
+            yield inputs, batch["attention_mask"], labels
+
+
+def _run_epochs(model, tokenizer, ids, batches, *, epochs, params, lr, mask_probability, generator, device,
+                desc) -> list[float]:
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    scheduler = get_linear_schedule_with_warmup(optimizer, 0, epochs * len(batches))
+    losses = []
+    for epoch in range(1, epochs + 1):
+        total = 0.0
+        order = torch.randperm(len(batches), generator=generator).tolist()
+        steps = _masked_batches(tokenizer, ids, batches, order, mask_probability=mask_probability, generator=generator)
+        for inputs, attention_mask, labels in tqdm(steps, total=len(order), desc=f"{desc} {epoch}/{epochs}",
+                                                   unit="step", mininterval=1.0, leave=False):
+            loss = masked_lm_loss(model, inputs.to(device), attention_mask.to(device), labels.to(device))
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            total += float(loss.detach())
+        losses.append(total / max(len(batches), 1))
+    return losses
+
+
 def mlm_pretrain(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], *, epochs: int,
                  lr: float, batch_size: int, mask_probability: float, max_length: int, seed: int,
-                 device: torch.device, truncation: str = "head") -> dict:
+                 device: torch.device, truncation: str = "head", head_warmup_epochs: int = 0,
+                 head_warmup_lr: float = 1e-3) -> dict:
     """Continued masked-LM pretraining: AdamW, linear decay to zero, batches of similar length
-    in a seeded order. Returns the mean masked-LM loss per epoch."""
+    in a seeded order. First, `head_warmup_epochs` epochs train the masked-LM head alone (the
+    encoder frozen), so that a head the checkpoint lacked (initialised at random) does not
+    send random gradients into the pretrained encoder. Returns the mean loss per epoch."""
     if tokenizer.mask_token_id is None:
         raise GraftError("the backbone's tokenizer has no mask token: masked-LM adaptation needs one")
     ids = tokenize(tokenizer, texts, max_length, truncation)
     batches = length_sorted_batches([len(i) for i in ids], batch_size)
     generator = torch.Generator().manual_seed(seed)
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    scheduler = get_linear_schedule_with_warmup(optimizer, 0, epochs * len(batches))
-    losses, started = [], time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        total = 0.0
-        order = torch.randperm(len(batches), generator=generator).tolist()
-        for b in tqdm(order, desc=f"masked-LM epoch {epoch}/{epochs}", unit="step", mininterval=1.0, leave=False):
-            batch = tokenizer.pad({"input_ids": [ids[i] for i in batches[b]]}, return_tensors="pt")
-            special = torch.tensor([tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True)
-                                    for row in batch["input_ids"].tolist()], dtype=torch.bool)
-            special |= batch["attention_mask"] == 0
-            inputs, labels = mask_tokens(batch["input_ids"], special, mask_id=tokenizer.mask_token_id,
-                                         vocab_size=len(tokenizer), probability=mask_probability, generator=generator)
-            if not (labels != -100).any():
-                continue  # nothing masked in this batch (short texts): no loss to learn from
-            out = model(input_ids=inputs.to(device), attention_mask=batch["attention_mask"].to(device),
-                        labels=labels.to(device))
-            out.loss.backward()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            total += float(out.loss.detach())
-        losses.append(total / max(len(batches), 1))
+    started = time.perf_counter()
+    common = {"mask_probability": mask_probability, "generator": generator, "device": device}
+    warmup = []
+    if head_warmup_epochs:
+        encoder = getattr(model, model.base_model_prefix)
+        frozen = [p for p in encoder.parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            warmup = _run_epochs(model, tokenizer, ids, batches, epochs=head_warmup_epochs, lr=head_warmup_lr,
+                                 params=[p for p in model.parameters() if p.requires_grad], desc="masked-LM head warm-up",
+                                 **common)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+    losses = _run_epochs(model, tokenizer, ids, batches, epochs=epochs, lr=lr, params=list(model.parameters()),
+                         desc="masked-LM epoch", **common)
     model.eval()
-    return {"epoch_loss": losses, "texts": len(texts), "steps": epochs * len(batches),
-            "seconds": round(time.perf_counter() - started, 2)}
+    return {"epoch_loss": losses, "head_warmup_loss": warmup, "texts": len(texts),
+            "steps": (head_warmup_epochs + epochs) * len(batches), "seconds": round(time.perf_counter() - started, 2)}
 
 
 def adapted_encoder(masked_lm: torch.nn.Module, pretrained_dir: Path, *, trust_remote_code: bool) -> torch.nn.Module:

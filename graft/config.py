@@ -216,6 +216,10 @@ class MlmParams(_Section):
     mask_probability: float = Field(gt=0, lt=1, description="Share of tokens masked (BERT: 0.15).")
     max_texts: int = Field(gt=0, description="Most unlabelled texts used (a seeded sample), before the train texts are added.")
     batch_size: int = Field(gt=0, description="Texts per masked-LM step.")
+    head_warmup_epochs: int = Field(ge=0, le=100, description=(
+        "When the backbone's folder has no masked-LM head (sentence-transformers checkpoints), epochs that train the "
+        "initialised head alone, the encoder frozen, before continued pretraining; 0: none."))
+    head_warmup_lr: float = Field(gt=0, description="AdamW learning rate of the head warm-up.")
 
 
 class SelfTrainingParams(_Section):

@@ -46,17 +46,19 @@ def adapt(params: config.Params, *, layout: Layout) -> dict:
     seed_everything(params.seed)
     model, initialised = load_masked_lm(layout.pretrained_dir, trust_remote_code=trust)
     m = a.mlm
+    warmup = m.head_warmup_epochs if initialised else 0  # a head the checkpoint carried needs none
     facts = mlm_pretrain(model, tokenizer, texts, epochs=m.epochs, lr=m.lr, batch_size=m.batch_size,
                          mask_probability=m.mask_probability, max_length=tokens.max_length,
-                         truncation=tokens.truncation, seed=params.seed, device=select_device())
+                         truncation=tokens.truncation, seed=params.seed, device=select_device(),
+                         head_warmup_epochs=warmup, head_warmup_lr=m.head_warmup_lr)
     encoder = adapted_encoder(model.cpu(), layout.pretrained_dir, trust_remote_code=trust)
     state = {"method": "mlm", "texts": facts["texts"], "unlabelled_texts": facts["texts"] - len(
         pd.read_parquet(layout.split_file("train"), columns=["id"])), "epochs": m.epochs, "lr": m.lr,
         "mask_probability": m.mask_probability, "max_length": tokens.max_length, "truncation": tokens.truncation,
         "seed": params.seed,
-        "head_initialised": initialised,
+        "head_initialised": initialised, "head_warmup_epochs": warmup,
         "note": ("the backbone's folder had no masked-LM head weights for " + ", ".join(initialised)
-                 + ": initialised before pretraining") if initialised else "masked-LM head loaded from the backbone"}
+                 + f": initialised, then trained alone for {warmup} epoch(s) before pretraining") if initialised else "masked-LM head loaded from the backbone"}
     with atomic_path(layout.adapted_dir) as tmp:
         encoder.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -72,6 +74,8 @@ def main() -> None:
         print(f"adapt: {result['note']}")  # noqa: T201
         return
     losses = ", ".join(f"{v:.3f}" for v in result["epoch_loss"])
+    if result["head_warmup_loss"]:
+        losses = "head warm-up " + ", ".join(f"{v:.3f}" for v in result["head_warmup_loss"]) + "; " + losses
     print(f"adapt: masked-LM pretraining on {result['texts']} texts ({result['unlabelled_texts']} unlabelled), "  # noqa: T201
           f"{result['seconds']}s, loss per epoch {losses}; {result['note']}")
 

@@ -256,3 +256,50 @@ def test_the_gate_requires_the_adaptation_verdict_when_configured(tiny_model_dir
     params["data"]["unlabelled_source"] = None
     with pytest.raises(GraftError, match="need unlabelled text: set data.unlabelled_source"):
         config.validate(params)
+
+
+def _masked_batch(tokenizer, seed: int = 0):
+    from graft.adaptation import mask_tokens
+
+    words = " ".join(pd.read_csv(NEWS_CSV)["text"]).split()
+    texts = [" ".join(words[i:i + 20]) for i in range(0, 160, 20)]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    special = torch.tensor([tokenizer.get_special_tokens_mask(r, already_has_special_tokens=True)
+                            for r in batch["input_ids"].tolist()], dtype=torch.bool) | (batch["attention_mask"] == 0)
+    inputs, labels = mask_tokens(batch["input_ids"], special, mask_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
+                                 probability=0.3, generator=torch.Generator().manual_seed(seed))
+    return texts, inputs, batch["attention_mask"], labels
+
+
+def test_the_masked_positions_only_loss_is_the_models_own_masked_lm_loss(tiny_model_dir):
+    from graft.adaptation import load_masked_lm, masked_lm_loss
+    from graft.modeling import load_tokenizer
+
+    model, _ = load_masked_lm(tiny_model_dir, trust_remote_code=False)
+    model.eval()  # no dropout: both see the same activations
+    _, inputs, mask, labels = _masked_batch(load_tokenizer(tiny_model_dir))
+    assert (labels != -100).sum() > 5
+    with torch.no_grad():
+        expected = model(input_ids=inputs, attention_mask=mask, labels=labels).loss
+        assert float(masked_lm_loss(model, inputs, mask, labels)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_the_head_warm_up_trains_an_initialised_head_alone_and_leaves_the_encoder_as_it_was(tiny_model_dir):
+    from graft.adaptation import load_masked_lm, mlm_pretrain
+    from graft.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model, initialised = load_masked_lm(tiny_model_dir, trust_remote_code=False)
+    assert initialised  # the tiny backbone, like the packaged MiniLM, has no masked-LM head
+    encoder = {k: v.clone() for k, v in getattr(model, model.base_model_prefix).state_dict().items()}
+    head_before = {k: v.clone() for k, v in model.state_dict().items() if k not in encoder
+                   and not k.startswith(model.base_model_prefix + ".")}
+    texts, *_ = _masked_batch(tokenizer)
+    # the pretraining phase at lr 1e-12 changes nothing measurable: what moved, the warm-up moved
+    facts = mlm_pretrain(model, tokenizer, texts * 4, epochs=1, lr=1e-12, batch_size=8, mask_probability=0.3,
+                         max_length=64, seed=0, device=torch.device("cpu"), head_warmup_epochs=4, head_warmup_lr=5e-3)
+    after = getattr(model, model.base_model_prefix).state_dict()
+    assert all(torch.allclose(after[k], v, atol=1e-6) for k, v in encoder.items())
+    assert any(not torch.allclose(model.state_dict()[k], v) for k, v in head_before.items())
+    assert len(facts["head_warmup_loss"]) == 4 and facts["head_warmup_loss"][-1] < facts["head_warmup_loss"][0]
+    assert all(p.requires_grad for p in model.parameters())  # the encoder is trainable again
