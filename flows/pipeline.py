@@ -207,9 +207,10 @@ def publish_run_facts(root: str) -> None:
     registration = read_json(layout.registration)
     client = mlflow.MlflowClient(tracking_uri=registration["tracking_uri"])
     run_id = registration["run_id"]
-    for report in (layout.transferability, layout.train_report, layout.evaluate_report):
+    for report in layout.run_fact_reports():
         if report.exists():
-            client.log_artifact(run_id, str(report), artifact_path="reports")
+            client.log_artifact(run_id, str(report), artifact_path="reports/plots" if report.parent.name == "plots"
+                                else "reports")
     if layout.train_report.exists():
         for name, candidate in read_json(layout.train_report).get("candidates", {}).items():
             for row in candidate.get("throughput") or []:

@@ -151,6 +151,13 @@ class Layout:
     def token_lengths_plot(self) -> Path:
         return self._p("reports/plots/token_lengths.png")
 
+    def run_fact_reports(self) -> tuple[Path, ...]:
+        """What the flow logs to register's MLflow run afterwards, each when it exists: reports of
+        stages register does not depend on (run facts, or optional stages' findings)."""
+        return (self.transferability, self.transferability_plot, self.sequence_length, self.token_lengths_plot,
+                self.adapt_report, self.adaptation, self.curve_report, self.domain_report, self.train_report,
+                self.evaluate_report)
+
     # train
     @property
     def finetuned_dir(self) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 from prefect.testing.utilities import prefect_test_harness
@@ -53,3 +54,7 @@ def test_default_backbone_and_corpus_end_to_end(tmp_path: Path, monkeypatch):
     assert registration["registered"] and registration["aliases"] == ["challenger"]
     assert registration["tracking_uri"] == f"sqlite:///{root / 'mlruns.db'}"
     assert os.listdir(root.parent / "ws-remote")  # outputs pushed to the local DVC remote
+    logged = {a.path for a in mlflow.MlflowClient(tracking_uri=registration["tracking_uri"]).list_artifacts(
+        registration["run_id"], "reports")}
+    assert {"reports/transferability.json", "reports/sequence_length.json", "reports/adaptation.json",
+            "reports/curve.json", "reports/domain.json", "reports/train.json"} <= logged, logged
