@@ -51,7 +51,8 @@ def workspace(out: Path, name: str, source: str, args) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["data"].update(source=source, train_size=args.train, val_size=args.val, test_size=args.test)
-    first, *others = args.backbone
+    # a local folder is named from the workspace: resolve it here
+    first, *others = (str(Path(b).resolve()) if Path(b).is_dir() else b for b in args.backbone)
     raw["model"].update(ref=first, candidates=others, max_length="auto", select="auto")
     raw["train"].update(freeze_layers="auto", strategies=["linear_probe", "partial"])
     if args.epochs:
