@@ -102,6 +102,13 @@ def fine_tune(root: Path, params: config.Params, folder: str, freeze: int, lengt
             "seconds": round(time.perf_counter() - started, 1)}
 
 
+def resolved_length(root: Path, params: config.Params, folder: str, length: int | str) -> int:
+    candidate = root / "models/candidates" / folder
+    train = pd.read_parquet(root / "data/prepared/train.parquet", columns=["text"])["text"].tolist()
+    m = params.model.model_copy(update={"max_length": length})
+    return for_backbone(m, load_tokenizer(candidate), load_encoder(candidate).config, train)[0].max_length
+
+
 def depths(blocks: int, fractions: list[float], auto: int | None) -> list[int]:
     chosen = {min(blocks - 1, max(0, round(f * blocks))) for f in fractions}
     return sorted(chosen | ({auto} if auto is not None else set()))
@@ -134,7 +141,7 @@ def summarise(name: str, root: Path, cells: list[dict]) -> dict:
     best_val = max(cells, key=lambda c: c["val_accuracy"])
     best_test = max(cells, key=lambda c: c["test_accuracy"])
     scoring = sum(c["forward_seconds"] + c["scoring_seconds"] for c in report["candidates"].values())
-    grid_seconds = sum(c["finetune_seconds"] for c in cells)
+    grid_seconds = sum(c["finetune_seconds"] for c in cells if "same_as" not in c)
     return {
         "data": name, "rows": report["rows"], "chosen": chosen, "ranked": report["ranked"],
         "freeze_layers_auto": freeze_auto,
@@ -205,8 +212,12 @@ def main() -> None:
                     key = f"{folder}|{freeze}|{length}"
                     if key in done:
                         continue
-                    cell = {"backbone": folder, "freeze_layers": freeze, "length": length,
-                            **fine_tune(root, params, folder, freeze, length, device)}
+                    tokens = resolved_length(root, params, folder, length)
+                    same = next((c for c in done.values() if (c["backbone"], c["freeze_layers"], c["max_length"])
+                                 == (folder, freeze, tokens)), None)  # auto landed on a length already trained
+                    cell = {**(same or fine_tune(root, params, folder, freeze, length, device)),
+                            "backbone": folder, "freeze_layers": freeze, "length": length,
+                            **({"same_as": cell_key(same)} if same else {})}
                     done[key] = cell
                     with log.open("a") as handle:
                         handle.write(json.dumps(cell) + "\n")
