@@ -207,8 +207,9 @@ def main() -> None:
                 continue
             blocks = len([k for k in cand["layers"] if k.isdigit()]) - 1
             auto = report["freeze_layers_auto"] if folder == report["chosen"] else None
-            for freeze in depths(blocks, fractions, auto):
-                for length in lengths:
+            # the cheaper lengths first: a grid stopped early still has whole columns
+            for length in lengths:
+                for freeze in depths(blocks, fractions, auto):
                     key = f"{folder}|{freeze}|{length}"
                     if key in done:
                         continue
