@@ -126,8 +126,10 @@ def test_second_run_skips_everything_and_a_train_param_reruns_only_downstream(tm
     third = pipeline(overrides=["train.epochs=1"], root=str(root), return_state=True)
     rows = third.result()
     assert {r["stage"]: r["status"] for r in rows if r["status"] == "ran"} == {
-        # curve reads train.epochs (the epochs of its fine-tuned points): DVC reruns it, a stub when off
-        "curve": "ran", "train": "ran", "evaluate": "ran", "register": "ran"}, rows
+        # select reads train.epochs (its estimate of each candidate's fine-tuning seconds, held against
+        # train.budget_seconds) and curve too (the epochs of its fine-tuned points): DVC reruns both; select
+        # writes the same backbone, so features and adapt stay skipped
+        "select": "ran", "curve": "ran", "train": "ran", "evaluate": "ran", "register": "ran"}, rows
     assert all(r["seconds"] > 0 for r in rows if r["status"] == "ran"), rows  # timed from DVC's stage lines
     experiment = rows[0]["experiment"]
     assert (root / "params.yaml").read_text() == committed  # the override stayed in the experiment
