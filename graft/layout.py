@@ -148,6 +148,11 @@ class Layout:
         return self._p("reports/sequence_length.json")
 
     @property
+    def inference_report(self) -> Path:
+        """Which inference mode the features stage chose and why (graft.inference)."""
+        return self._p("reports/inference.json")
+
+    @property
     def token_lengths_plot(self) -> Path:
         return self._p("reports/plots/token_lengths.png")
 
@@ -155,6 +160,7 @@ class Layout:
         """What the flow logs to register's MLflow run afterwards, each when it exists: reports of
         stages register does not depend on (run facts, or optional stages' findings)."""
         return (self.transferability, self.transferability_plot, self.sequence_length, self.token_lengths_plot,
+                self.inference_report,
                 self.adapt_report, self.adaptation, self.curve_report, self.domain_report, self.train_report,
                 self.evaluate_report)
 

@@ -147,10 +147,12 @@ def resolve_max_length(max_length: int | str, lengths: np.ndarray, *, coverage: 
 
 @dataclass(frozen=True)
 class Tokenization:
-    """What every stage and the served model cut texts to: the resolved length and the truncation."""
+    """What every stage and the served model cut texts to (the resolved length and the
+    truncation), and the precision the scoring forward passes run in (graft.precision)."""
 
     max_length: int
     truncation: str
+    inference: str = "fp32"
 
 
 def for_backbone(model_params, tokenizer, encoder_config, train_texts: Sequence[str]) -> tuple[Tokenization, dict]:
@@ -165,9 +167,11 @@ def for_backbone(model_params, tokenizer, encoder_config, train_texts: Sequence[
             {**facts, "truncation": model_params.truncation})
 
 
-def recipe(tokenization: Tokenization, *, requested: int | str) -> dict:
-    """The features stage's record of how it tokenized (deterministic: no run facts)."""
-    return {"max_length": tokenization.max_length, "truncation": tokenization.truncation, "requested": requested}
+def recipe(tokenization: Tokenization, *, requested: int | str, inference_requested: str = "fp32") -> dict:
+    """The features stage's record of how it tokenized and which inference mode it embedded in
+    (no run facts: the timings behind an `auto` mode are in reports/inference.json)."""
+    return {"max_length": tokenization.max_length, "truncation": tokenization.truncation, "requested": requested,
+            "inference": tokenization.inference, "inference_requested": inference_requested}
 
 
 def resolved_tokenization(params, layout) -> Tokenization:
@@ -187,7 +191,17 @@ def resolved_tokenization(params, layout) -> Tokenization:
     if requested != model.max_length or truncation != model.truncation:
         raise GraftError(f"{path}: features ran with max_length {requested!r}, truncation {truncation!r}, but params "
                          f"say {model.max_length!r}, {model.truncation!r}; run the 'features' stage again")
-    return Tokenization(max_length=length, truncation=truncation)
+    from graft.precision import MODES
+
+    # recipes written before model.inference existed embedded in fp32
+    mode, mode_requested = found.get("inference", "fp32"), found.get("inference_requested", "fp32")
+    if mode not in MODES:
+        raise GraftError(f"{path}: inference {mode!r} is not one of {', '.join(MODES)}; run the 'features' stage again")
+    if mode_requested != model.inference:
+        raise GraftError(f"{path}: features ran with model.inference {mode_requested!r}, but params say "
+                         f"{model.inference!r}; run the 'features' stage again")
+    return Tokenization(max_length=length, truncation=truncation, inference=mode)
+
 
 
 def summary_line(facts: Mapping) -> str:

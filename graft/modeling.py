@@ -21,7 +21,9 @@ from transformers import (
 )
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from graft import precision as infer
 from graft.errors import GraftError
+from graft.precision import cpu_has_native_bf16  # noqa: F401 (graft.modeling's name for it, used by the benchmarks)
 from graft.truncation import tokenize as truncate_tokenize
 
 
@@ -38,24 +40,14 @@ def select_device() -> torch.device:
 
 
 def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
-    """Mixed precision for a forward pass. `auto`: bf16 on a GPU, full precision on the CPU (what
-    inference always uses, so evaluation never depends on the CPU's bf16 support); `bf16`: bf16
-    autocast on either (fast on CPUs with native bf16, e.g. AVX512-BF16 or AMX); `fp32`: none."""
+    """Mixed precision for a training step (`train.precision`). `auto`: bf16 on a GPU, full
+    precision on the CPU; `bf16`: bf16 autocast on either (fast on CPUs with native bf16, e.g.
+    AVX512-BF16 or AMX); `fp32`: none. Scoring texts follows `model.inference` (graft.inference)."""
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     if precision not in ("auto", "bf16", "fp32"):
         raise GraftError(f"precision {precision!r}: expected auto, bf16 or fp32")
     return contextlib.nullcontext()
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 dot products natively (AVX512-BF16 or AMX), read from
-    /proc/cpuinfo (Linux); False where that cannot be told."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def load_tokenizer(model_dir: Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -252,16 +244,19 @@ def _map_ids(
     device: torch.device,
     desc: str,
     forward_kwargs: dict | None = None,
+    inference: str = "fp32",
 ) -> np.ndarray:
     """Run `model` over token ids in length-sorted, dynamically padded batches; `rows(outputs,
-    inputs)` gives one output row per sequence. The result is in the order of `ids`."""
+    inputs)` gives one output row per sequence. The result is in the order of `ids`. `inference`
+    (graft.precision): fp32, bf16 autocast, or int8 (a quantized copy, on the CPU)."""
+    model, device = infer.prepare(model, inference), infer.device_for(inference, device)
     model.eval().to(device)
     out = np.zeros((len(ids), width), dtype=np.float32)
     batches = length_sorted_batches([len(x) for x in ids], batch_size)
     with torch.inference_mode():
         for batch in tqdm(batches, desc=desc, unit="batch", mininterval=1.0, leave=False):
             inputs = collate(tokenizer, [list(ids[i]) for i in batch], device)
-            with autocast(device):
+            with infer.context(device, inference):
                 outputs = model(**inputs, **(forward_kwargs or {}))
             out[batch] = rows(outputs, inputs).float().cpu().numpy()
     return out
@@ -279,10 +274,11 @@ def _map_batches(
     batch_size: int,
     device: torch.device,
     desc: str,
+    inference: str = "fp32",
 ) -> np.ndarray:
     """`_map_ids` over texts, tokenized (and truncated) first."""
     return _map_ids(model, tokenizer, tokenize(tokenizer, texts, max_length, truncation), width=width, rows=rows,
-                    batch_size=batch_size, device=device, desc=desc)
+                    batch_size=batch_size, device=device, desc=desc, inference=inference)
 
 
 class MemoScorer:
@@ -293,8 +289,10 @@ class MemoScorer:
     perturbations and template probes through one of these per model."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, rows: Callable, width: int,
-                 max_length: int, batch_size: int, device: torch.device, desc: str, truncation: str = "head") -> None:
-        self.model, self.tokenizer, self.rows, self.width = model, tokenizer, rows, width
+                 max_length: int, batch_size: int, device: torch.device, desc: str, truncation: str = "head",
+                 inference: str = "fp32") -> None:
+        self.model, self.tokenizer, self.rows, self.width = infer.prepare(model, inference), tokenizer, rows, width
+        self.inference = inference
         self.max_length, self.batch_size, self.device, self.desc = max_length, batch_size, device, desc
         self.truncation = truncation
         self.memo: dict[tuple[int, ...], np.ndarray] = {}
@@ -316,7 +314,8 @@ class MemoScorer:
         missing = list(dict.fromkeys(k for k in keys if k not in self.memo))
         if missing:
             values = _map_ids(self.model, self.tokenizer, missing, width=self.width, rows=self.rows,
-                              batch_size=self.batch_size, device=self.device, desc=self.desc)
+                              batch_size=self.batch_size, device=self.device, desc=self.desc,
+                              inference=self.inference)
             self.memo.update(zip(missing, values, strict=True))
             self.forwarded += len(missing)
         if not keys:
@@ -337,17 +336,19 @@ def _softmax(out, _inputs) -> torch.Tensor:
 
 
 def embedding_scorer(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, max_length: int,
-                     batch_size: int, device: torch.device, desc: str = "embed", truncation: str = "head") -> MemoScorer:
+                     batch_size: int, device: torch.device, desc: str = "embed", truncation: str = "head",
+                     inference: str = "fp32") -> MemoScorer:
     """Mean-pooled embeddings of a frozen backbone, memoised by token ids."""
     return MemoScorer(encoder, tokenizer, rows=_pooled, width=encoder.config.hidden_size, max_length=max_length,
-                      batch_size=batch_size, device=device, desc=desc, truncation=truncation)
+                      batch_size=batch_size, device=device, desc=desc, truncation=truncation, inference=inference)
 
 
 def proba_scorer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, max_length: int,
-                 batch_size: int, device: torch.device, desc: str = "predict", truncation: str = "head") -> MemoScorer:
+                 batch_size: int, device: torch.device, desc: str = "predict", truncation: str = "head",
+                 inference: str = "fp32") -> MemoScorer:
     """Class probabilities of a sequence classifier, memoised by token ids."""
     return MemoScorer(model, tokenizer, rows=_softmax, width=model.config.num_labels, max_length=max_length,
-                      batch_size=batch_size, device=device, desc=desc, truncation=truncation)
+                      batch_size=batch_size, device=device, desc=desc, truncation=truncation, inference=inference)
 
 
 def embed(
@@ -360,12 +361,14 @@ def embed(
     device: torch.device,
     desc: str = "embed",
     truncation: str = "head",
+    inference: str = "fp32",
 ) -> np.ndarray:
     """Mean-pooled embeddings of the frozen backbone, in the order of `texts`."""
     return _map_batches(
         encoder, tokenizer, texts, width=encoder.config.hidden_size,
         rows=_pooled,
         max_length=max_length, truncation=truncation, batch_size=batch_size, device=device, desc=desc,
+        inference=inference,
     )
 
 
@@ -379,12 +382,14 @@ def predict_proba(
     device: torch.device,
     desc: str = "predict",
     truncation: str = "head",
+    inference: str = "fp32",
 ) -> np.ndarray:
     """Class probabilities of a sequence classifier, in the order of `texts`."""
     return _map_batches(
         model, tokenizer, texts, width=model.config.num_labels,
         rows=_softmax,
         max_length=max_length, truncation=truncation, batch_size=batch_size, device=device, desc=desc,
+        inference=inference,
     )
 
 

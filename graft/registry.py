@@ -44,7 +44,7 @@ DEFAULT_ARTIFACTS = "mlartifacts"
 CHAMPION = "champion"
 SERVING_CODE = Path(__file__).with_name("serving.py")
 # what serving.py imports besides its pinned packages, logged beside it (MLflow puts them on sys.path)
-SERVING_CODE_PATHS = [Path(__file__).with_name("truncation.py")]
+SERVING_CODE_PATHS = [Path(__file__).with_name("truncation.py"), Path(__file__).with_name("precision.py")]
 SERVING_PACKAGES = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pandas", "numpy")
 
 

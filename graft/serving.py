@@ -10,7 +10,8 @@ graft installed or not.
 What a model folder needs to be served the way evaluate scored it is in the folder itself:
 `graft_serving.json` (written by train beside the weights) names the tokenization (max_length,
 truncation: which tokens of a longer text are kept, `keep`: head, tail or head_tail; padding
-side), the head (the model's own sequence-classification head, or a linear probe over
+side), the inference mode the forward passes run in (fp32, bf16, int8: graft/precision.py,
+logged beside this file too; absent means fp32), the head (the model's own sequence-classification head, or a linear probe over
 mean-pooled embeddings and its weights file) and the labels in order. Serving reads it and never
 guesses: a folder without it is refused.
 """
@@ -25,8 +26,14 @@ import numpy as np
 import pandas as pd
 
 try:  # in graft's own processes (train, evaluate, register's parity check)
+    from graft.precision import MODES as INFERENCE_MODES
+    from graft.precision import context as inference_context
+    from graft.precision import device_for, prepare
     from graft.truncation import TRUNCATIONS, tokenize
-except ModuleNotFoundError:  # served without graft: the file is logged with the model as code (registry.log_model)
+except ModuleNotFoundError:  # served without graft: the files are logged with the model as code (registry.log_model)
+    from precision import MODES as INFERENCE_MODES
+    from precision import context as inference_context
+    from precision import device_for, prepare
     from truncation import TRUNCATIONS, tokenize
 
 TEXT_COLUMN = "text"
@@ -55,12 +62,14 @@ def probability_column(label: str) -> str:
 
 
 def describe(*, labels: list[str], max_length: int, truncation: str, tokenizer, head: str,
-             head_file: str | None = None) -> dict:
+             head_file: str | None = None, inference: str = "fp32") -> dict:
     """What serving needs to reproduce evaluate's scoring of a model folder (train writes it)."""
     if head not in HEAD_POOLING:
         raise ValueError(f"head {head!r}: expected one of {sorted(HEAD_POOLING)}")
     if truncation not in TRUNCATIONS:
         raise ValueError(f"truncation {truncation!r}: expected one of {list(TRUNCATIONS)}")
+    if inference not in INFERENCE_MODES:
+        raise ValueError(f"inference {inference!r}: expected one of {list(INFERENCE_MODES)}")
     description = {
         "format": SERVING_FORMAT,
         "labels": [str(label) for label in labels],
@@ -68,6 +77,7 @@ def describe(*, labels: list[str], max_length: int, truncation: str, tokenizer, 
         "truncation": {"strategy": TRUNCATION_STRATEGY, "side": tokenizer.truncation_side, "keep": truncation},
         "padding_side": tokenizer.padding_side,
         "head": {"kind": head, "pooling": HEAD_POOLING[head]},
+        "inference": inference,
     }
     if head == LINEAR_PROBE:
         description["head"]["file"] = head_file
@@ -106,6 +116,8 @@ def read_description(model_dir: Path) -> dict:
     for key, value in (("truncation.side", truncation.get("side")), ("padding_side", description.get("padding_side"))):
         if value not in ("left", "right"):
             problems.append(f"{key}: {value!r}, expected 'left' or 'right'")
+    if description.get("inference", "fp32") not in INFERENCE_MODES:
+        problems.append(f"inference: {description.get('inference')!r}, expected one of {list(INFERENCE_MODES)}")
     kind = head.get("kind")
     if kind not in HEAD_POOLING:
         problems.append(f"head.kind: {kind!r}, expected one of {sorted(HEAD_POOLING)}")
@@ -135,6 +147,7 @@ class TextClassifier(mlflow.pyfunc.PythonModel):
         self.labels = description["labels"]
         self.max_length = description["max_length"]
         self.truncation = description["truncation"]["keep"]
+        self.inference = description.get("inference", "fp32")  # folders from before it existed ran fp32
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self.tokenizer.truncation_side = description["truncation"]["side"]
         self.tokenizer.padding_side = description["padding_side"]
@@ -146,11 +159,13 @@ class TextClassifier(mlflow.pyfunc.PythonModel):
             if config_labels != self.labels:
                 raise ServingDescriptionError(f"{model_dir / SERVING_FILE}: labels {self.labels} but config.json "
                                               f"has {config_labels}")
-            self.logits = lambda batch: self.model(**batch).logits
+            self.model = prepare(self.model, self.inference)
+            self.logits = lambda batch: self.forward(**batch).logits
         else:
             from safetensors.torch import load_file
 
-            self.model = AutoModel.from_pretrained(model_dir, use_safetensors=True, local_files_only=True).eval()
+            self.model = prepare(AutoModel.from_pretrained(model_dir, use_safetensors=True, local_files_only=True).eval(),
+                                 self.inference)
             head = load_file(str(model_dir / description["head"]["file"]))
             weight, bias = head["weight"].float(), head["bias"].float()
             expected = (len(self.labels), self.model.config.hidden_size)
@@ -159,14 +174,19 @@ class TextClassifier(mlflow.pyfunc.PythonModel):
                     f"{model_dir / description['head']['file']}: head weight {tuple(weight.shape)}, bias "
                     f"{tuple(bias.shape)}; {len(self.labels)} labels over hidden size {expected[1]} need {expected}")
 
-            def logits(batch):
-                hidden = self.model(**batch).last_hidden_state.float()
+            def logits(batch):  # the head in fp32 outside the mode, as evaluate applies it (numpy)
+                hidden = self.forward(**batch).last_hidden_state.float()
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 return pooled @ weight.T + bias
 
             self.logits = logits
         return self
+
+    def forward(self, **batch):
+        """The model's forward pass in the folder's inference mode (graft.precision), on the CPU."""
+        with inference_context(device_for(self.inference, self._torch.device("cpu")), self.inference):
+            return self.model(**batch)
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:
         torch = self._torch

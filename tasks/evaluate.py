@@ -88,7 +88,7 @@ def transformer_predictor(model_dir: Path, params: config.Params, tokens: Tokeni
     trust = params.model.trust_remote_code
     tokenizer, model = load_tokenizer(model_dir, trust_remote_code=trust), load_classifier(model_dir, trust_remote_code=trust)
     return proba_scorer(model, tokenizer, max_length=tokens.max_length, truncation=tokens.truncation,
-                        batch_size=params.features.batch_size, device=device, desc=name)
+                        batch_size=params.features.batch_size, device=device, desc=name, inference=tokens.inference)
 
 
 def backbone_scorer(layout: Layout, params: config.Params, tokens: Tokenization, device,
@@ -99,7 +99,8 @@ def backbone_scorer(layout: Layout, params: config.Params, tokens: Tokenization,
     scorer = embedding_scorer(load_encoder(layout.pretrained_dir, trust_remote_code=trust),
                               load_tokenizer(layout.pretrained_dir, trust_remote_code=trust),
                               max_length=tokens.max_length, truncation=tokens.truncation,
-                              batch_size=params.features.batch_size, device=device, desc=BACKBONE_PROBE)
+                              batch_size=params.features.batch_size, device=device, desc=BACKBONE_PROBE,
+                              inference=tokens.inference)
     for split, frame in splits.items():
         cached_rows = np.load(layout.features_file(split))
         if len(cached_rows) != len(frame):

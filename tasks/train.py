@@ -140,7 +140,7 @@ def train_probe(params: config.Params, *, classes: list[str], data: dict, layout
     if method == "mlm":
         encoder, tokenizer = load_encoder(backbone_dir, trust_remote_code=trust), load_tokenizer(backbone_dir, trust_remote_code=trust)
         train_x, val_x = (embed(encoder, tokenizer, data[f"{split}_texts"], max_length=tokens.max_length,
-                                truncation=tokens.truncation, batch_size=embed_batch_size,
+                                truncation=tokens.truncation, batch_size=embed_batch_size, inference=tokens.inference,
                                 device=device or torch.device("cpu"), desc=f"embed {split} (adapted)")
                           for split in ("train", "val"))
     else:
@@ -156,7 +156,7 @@ def train_probe(params: config.Params, *, classes: list[str], data: dict, layout
                                                  C=probe.C, C_grid=probe.C_grid, seed=params.seed)
     tokenizer = load_tokenizer(backbone_dir, trust_remote_code=trust)
     serving = describe(labels=classes, max_length=tokens.max_length, truncation=tokens.truncation, tokenizer=tokenizer,
-                       head=LINEAR_PROBE, head_file=PROBE_HEAD_FILE)
+                       head=LINEAR_PROBE, head_file=PROBE_HEAD_FILE, inference=tokens.inference)
     save_probe_classifier(load_encoder(backbone_dir, trust_remote_code=trust), tokenizer,
                           weight, bias, classes=classes, out_dir=out_dir,
                           also_write=lambda folder: write_description(folder, serving))
@@ -176,7 +176,7 @@ def save_transformer(model: torch.nn.Module, tokenizer, out_dir: Path, state: di
         tokenizer.save_pretrained(tmp)
         write_training_state(tmp / TRAINING_STATE, state)
         write_description(tmp, describe(labels=labels, max_length=tokens.max_length, truncation=tokens.truncation,
-                                        tokenizer=tokenizer, head=SEQUENCE_CLASSIFICATION))
+                                        tokenizer=tokenizer, head=SEQUENCE_CLASSIFICATION, inference=tokens.inference))
 
 
 def _candidate(kind: str, path: Path, layout: Layout, state: dict) -> dict:
@@ -300,7 +300,7 @@ def train(params: config.Params, *, layout: Layout | None = None) -> dict:
     if rank != 0:
         return {}
     report = {"device": device.type, "world_size": world, "torch": torch.__version__, "classes": classes,
-              "max_length": tokens.max_length, "truncation": tokens.truncation,
+              "max_length": tokens.max_length, "truncation": tokens.truncation, "inference": tokens.inference,
               "candidates": candidates, "proposed": proposed, "seeds": seeds}
     write_candidates(layout, transfer, candidates, proposed, classes, seeds=seeds)
     write_val_predictions(layout, val_df["id"].astype(str).to_numpy(), val_proba)

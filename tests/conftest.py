@@ -244,7 +244,8 @@ def run_features(root: Path, params=None) -> dict:
     layout = Layout(root)
     return features(params or load_params(root), pretrained_dir=layout.pretrained_dir,
                     prepared_dir=layout.prepared_dir, out_dir=layout.features_dir,
-                    length_report=layout.sequence_length, length_plot=layout.token_lengths_plot)
+                    length_report=layout.sequence_length, length_plot=layout.token_lengths_plot,
+                    inference_report=layout.inference_report)
 
 
 ALL_STRATEGIES = ["linear_probe", "partial", "full", "lora"]

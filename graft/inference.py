@@ -1,0 +1,136 @@
+"""`model.inference`: which precision the forward passes run in when a model scores texts
+(features, the linear probe's embeddings, evaluate's scoring and the served model; never
+training). The modes are graft.precision's:
+
+- `fp32`: full precision (the reference every other mode is checked against);
+- `bf16`: bf16 autocast; fast on a GPU and on CPUs with native bf16 dot products (AVX512-BF16,
+  AMX); elsewhere emulated, and slower than fp32;
+- `int8`: torch dynamic quantization of every `nn.Linear`, CPU only.
+
+`model.inference: auto` measures, on a sample of the validation split, every mode this machine
+runs natively against fp32 and picks the fastest that passes every check (`choose`): the
+embeddings' cosine to fp32 (min over the sample >= MIN_COSINE), a probe fit on train embeddings
+scoring validation within the interval of fp32's accuracy, and a speed-up of at least
+MIN_SPEEDUP (a mode no faster is not worth a precision loss). The features stage records the
+choice in its recipe; every later stage and the serving description read it from there.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from graft.errors import GraftError
+from graft.precision import MODES, cpu_has_native_bf16
+
+CHOICES = ("auto", *MODES)
+MIN_COSINE = 0.999  # embeddings' cosine to fp32, min over the sample
+MIN_SPEEDUP = 1.1  # texts/s over fp32's, best of the timed passes
+SAMPLE = 128  # validation texts timed and compared (and train texts the check's probe is fit on)
+
+
+def unsupported(mode: str, device: torch.device) -> str | None:
+    """Why `mode` does not run natively on `device` (None: it does)."""
+    if mode not in MODES:
+        raise GraftError(f"model.inference {mode!r}: expected one of {', '.join(CHOICES)}")
+    if mode == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        return ("this CPU has no native bf16 (no avx512_bf16 or amx_bf16 in /proc/cpuinfo): bf16 is emulated "
+                "there, several times slower than fp32")
+    if mode == "int8":
+        if device.type != "cpu":
+            return f"int8 dynamic quantization runs on the CPU only, not on {device.type}"
+        if not set(torch.backends.quantized.supported_engines) & {"x86", "fbgemm", "qnnpack", "onednn"}:
+            return f"this torch build has no quantized engine ({torch.backends.quantized.supported_engines})"
+    return None
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return (a * b).sum(1)
+
+
+def accuracy_interval(accuracy: float, n: int) -> float:
+    """Half-width of the 95% normal interval of an accuracy on n items (at least one item's worth)."""
+    return max(1.96 * math.sqrt(max(accuracy * (1 - accuracy), 0.0) / max(n, 1)), 1.0 / max(n, 1))
+
+
+def choose(requested: str, device: torch.device, *, embed: Callable[[Sequence[str], str], np.ndarray],
+           train_texts: Sequence[str], train_y: np.ndarray, val_texts: Sequence[str], val_y: np.ndarray,
+           seed: int = 0) -> tuple[str, dict]:
+    """The mode features (and every later stage) use, and the facts behind it. `embed(texts,
+    mode)` gives the frozen backbone's embeddings in a mode. A mode set in params is used as it
+    is (its facts say whether it runs natively here); `auto` measures."""
+    if requested != "auto":
+        why = unsupported(requested, device)
+        return requested, {"requested": requested, "chosen": requested, "device": device.type,
+                           "why": "set in params" + (f"; note: {why}" if why else ""), "modes": {}}
+    modes: dict[str, dict] = {}
+    candidates = []
+    for mode in MODES[1:]:
+        why = unsupported(mode, device)
+        if why:
+            modes[mode] = {"passed": False, "skipped": why}
+        else:
+            candidates.append(mode)
+    if not candidates:
+        return "fp32", {"requested": "auto", "chosen": "fp32", "device": device.type, "modes": modes,
+                        "why": "no mode faster than fp32 runs natively here"}
+    rng = np.random.default_rng(seed)
+    val_pick = np.sort(rng.permutation(len(val_texts))[:SAMPLE])
+    train_pick = np.sort(rng.permutation(len(train_texts))[:SAMPLE])
+    val_sample = [val_texts[i] for i in val_pick]
+    train_sample = [train_texts[i] for i in train_pick]
+    y_val, y_train = np.asarray(val_y)[val_pick], np.asarray(train_y)[train_pick]
+
+    def timed(mode: str) -> tuple[np.ndarray, float]:
+        started = time.perf_counter()
+        rows = embed(val_sample, mode)
+        return rows, time.perf_counter() - started
+
+    embed(val_sample[:8], "fp32")  # warm-up (first-call allocations)
+    reference, ref_seconds = timed("fp32")
+    reference_accuracy: float | None = None
+    for mode in candidates:
+        embed(val_sample[:8], mode)
+        rows, seconds = timed(mode)
+        again, ref_again = timed(mode)[1], timed("fp32")[1]  # alternate: a neighbour's load hits both
+        seconds, ref_seconds = min(seconds, again), min(ref_seconds, ref_again)
+        cos = cosines(rows, reference)
+        facts = {"min_cosine": round(float(cos.min()), 6), "mean_cosine": round(float(cos.mean()), 6),
+                 "speedup": round(ref_seconds / max(seconds, 1e-9), 3),
+                 "texts_per_s": round(len(val_sample) / max(seconds, 1e-9), 2)}
+        failed = []
+        if facts["min_cosine"] < MIN_COSINE:
+            failed.append(f"min cosine to fp32 {facts['min_cosine']:.4f} < {MIN_COSINE}")
+        if facts["speedup"] < MIN_SPEEDUP:
+            failed.append(f"speed-up {facts['speedup']:.2f}x < {MIN_SPEEDUP}x")
+        if not failed and len(set(y_train.tolist())) > 1:  # the probe check only for a mode worth it
+            if reference_accuracy is None:
+                reference_accuracy = _probe_accuracy(embed(train_sample, "fp32"), y_train, reference, y_val, seed)
+            accuracy = _probe_accuracy(embed(train_sample, mode), y_train, rows, y_val, seed)
+            width = accuracy_interval(reference_accuracy, len(y_val))
+            facts.update(probe_accuracy=round(accuracy, 4), fp32_probe_accuracy=round(reference_accuracy, 4),
+                         interval=round(width, 4))
+            if abs(accuracy - reference_accuracy) > width:
+                failed.append(f"probe accuracy {accuracy:.3f} outside fp32's {reference_accuracy:.3f} +- {width:.3f}")
+        modes[mode] = {**facts, "passed": not failed, **({"failed": failed} if failed else {})}
+    modes["fp32"] = {"texts_per_s": round(len(val_sample) / max(ref_seconds, 1e-9), 2), "passed": True}
+    passing = [m for m in candidates if modes[m]["passed"]]
+    chosen = max(passing, key=lambda m: modes[m]["speedup"]) if passing else "fp32"
+    why = (f"{chosen}: {modes[chosen]['speedup']:.2f}x fp32 at min cosine {modes[chosen]['min_cosine']:.4f}"
+           if chosen != "fp32" else "no faster mode passed: " + "; ".join(
+               f"{m}: {', '.join(f.get('failed') or [f.get('skipped', '')])}" for m, f in modes.items() if m != "fp32"))
+    return chosen, {"requested": "auto", "chosen": chosen, "device": device.type, "why": why, "sample": len(val_sample),
+                    "thresholds": {"min_cosine": MIN_COSINE, "min_speedup": MIN_SPEEDUP}, "modes": modes}
+
+
+def _probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, seed: int) -> float:
+    from sklearn.linear_model import LogisticRegression
+
+    probe = LogisticRegression(max_iter=2000, random_state=seed).fit(train_x, train_y)
+    return float((probe.predict(val_x) == val_y).mean())

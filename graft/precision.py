@@ -1,0 +1,96 @@
+"""How a model's forward passes run when it scores texts: `fp32`, `bf16` (autocast) or `int8`
+(torch dynamic quantization of every `nn.Linear`: int8 weights per output channel, activations
+quantized per call; CPU only). Standard library and torch only: register logs this file beside
+the serving code (registry.SERVING_CODE_PATHS), so the served model runs its forward passes in
+the mode evaluate scored it in, graft installed or not. Which mode a run uses is
+`model.inference` (graft.inference chooses it when `auto`)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+
+import torch
+
+MODES = ("fp32", "bf16", "int8")
+_MARK = "_graft_inference"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 dot products natively (AVX512-BF16 or AMX), read from
+    /proc/cpuinfo (Linux); False where that cannot be told."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def check(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"inference mode {mode!r}: expected one of {', '.join(MODES)}")
+    return mode
+
+
+def prepare(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """The model as `mode` runs it: for int8 a quantized copy on the CPU (the original is left as
+    it is; a model this function already quantized comes back as it is); for fp32 and bf16 the
+    model itself."""
+    if check(mode) != "int8" or getattr(model, _MARK, None) == "int8":
+        return model
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():  # torch.ao's deprecation notices
+        warnings.simplefilter("ignore")
+        quantized = quantize_dynamic(copy.deepcopy(model).cpu().eval(), {torch.nn.Linear: per_channel_dynamic_qconfig},
+                                     dtype=torch.qint8)
+    state: dict = {}
+    for parent in list(quantized.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__ == "Linear" and type(child).__module__.startswith("torch.ao.nn.quantized"):
+                setattr(parent, name, _PerSequence(child, state))
+
+    def remember_mask(_module, args, kwargs):  # which tokens of each sequence are real, for _PerSequence
+        mask = kwargs.get("attention_mask")
+        state["mask"] = None if mask is None else mask.bool()
+
+    quantized.register_forward_pre_hook(remember_mask, with_kwargs=True)
+    setattr(quantized, _MARK, "int8")
+    return quantized
+
+
+class _PerSequence(torch.nn.Module):
+    """A dynamically quantized Linear whose activations are quantized per sequence, over that
+    sequence's real tokens only (torch's own scale spans the whole batch, padding included, so a
+    text's result would depend on the texts batched with it: evaluate's length-sorted batches
+    and the server's would disagree). Padding positions get zeros, which attention masks out."""
+
+    def __init__(self, linear: torch.nn.Module, state: dict) -> None:
+        super().__init__()
+        self.linear, self.state = linear, state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:  # (batch, features): the pooler, a head
+            return torch.cat([self.linear(row) for row in x.split(1)]) if len(x) else self.linear(x)
+        mask = self.state.get("mask")
+        if x.dim() != 3 or mask is None or mask.shape != x.shape[:2]:
+            return torch.stack([self.linear(seq) for seq in x]) if x.dim() == 3 else self.linear(x)
+        out = x.new_zeros(*x.shape[:-1], self.linear.out_features)
+        for b in range(x.shape[0]):
+            keep = mask[b]
+            out[b, keep] = self.linear(x[b, keep])
+        return out
+
+
+def device_for(mode: str, device: torch.device) -> torch.device:
+    """Where `mode` runs: int8 on the CPU, the others where asked."""
+    return torch.device("cpu") if check(mode) == "int8" else device
+
+
+def context(device: torch.device, mode: str) -> contextlib.AbstractContextManager:
+    """The forward passes' context for `mode`: bf16 autocast, or nothing."""
+    if check(mode) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

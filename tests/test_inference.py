@@ -1,0 +1,161 @@
+"""model.inference: the modes (graft.precision), the measured choice (graft.inference.choose),
+the features stage's record of it, and the served model running in the mode evaluate scored in."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from graft import inference, precision
+from graft.errors import GraftError
+from graft.files import read_json, write_json
+from graft.layout import Layout
+from graft.lengths import Tokenization, resolved_tokenization
+from graft.modeling import build_classifier, embed, load_classifier, load_encoder, load_tokenizer, proba_scorer
+from graft.serving import SERVING_FILE, TextClassifier
+
+from .conftest import NEWS_CSV, load_params, run_features, run_fetch, run_prepare, run_select
+
+CPU = torch.device("cpu")
+
+
+def test_int8_is_a_quantized_copy_close_to_fp32_and_quantized_once(tiny_model_dir: Path):
+    encoder, tokenizer = load_encoder(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    texts = pd.read_csv(NEWS_CSV)["text"].tolist()[:16]
+    quantized = precision.prepare(encoder, "int8")
+    assert quantized is not encoder and isinstance(encoder.encoder.layer[0].intermediate.dense, torch.nn.Linear)
+    assert not isinstance(quantized.encoder.layer[0].intermediate.dense, torch.nn.Linear)  # replaced
+    assert precision.prepare(quantized, "int8") is quantized
+    assert precision.prepare(encoder, "fp32") is encoder and precision.prepare(encoder, "bf16") is encoder
+    fp32 = embed(encoder, tokenizer, texts, max_length=32, batch_size=8, device=CPU)
+    int8 = embed(quantized, tokenizer, texts, max_length=32, batch_size=8, device=CPU, inference="int8")
+    assert not np.array_equal(fp32, int8)  # the mode ran
+    assert inference.cosines(fp32, int8).min() > 0.9
+    with pytest.raises(ValueError, match="fp16"):
+        precision.prepare(encoder, "fp16")
+
+
+def _fake_embed(rows_of: dict, seconds_per_text: dict, train_rows_of: dict | None = None):
+    """embed(texts, mode): planted rows per mode (looked up by text) at planted speeds."""
+    def embed_fn(texts, mode):
+        time.sleep(seconds_per_text[mode] * len(texts))
+        table = (train_rows_of or {}).get(mode, {}) | rows_of[mode]
+        return np.stack([table[t] for t in texts])
+    return embed_fn
+
+
+@pytest.fixture
+def planted(monkeypatch):
+    """Every mode counts as native here, so the choice does not depend on this machine's CPU."""
+    monkeypatch.setattr(inference, "unsupported", lambda mode, device: None)
+    monkeypatch.setattr(inference, "SAMPLE", 40)
+    rng = np.random.default_rng(0)
+    labels = np.arange(80) % 2
+    texts = [f"text {i}" for i in range(80)]
+    rows = rng.normal(size=(80, 8)) + np.eye(2, 8)[labels] * 4  # separable: the probe is right
+    return texts, labels, {t: r for t, r in zip(texts, rows, strict=True)}
+
+
+def test_auto_picks_the_fastest_mode_that_passes_and_names_why_the_others_failed(planted):
+    texts, labels, exact = planted
+    rng = np.random.default_rng(1)
+    noisy = {t: r + rng.normal(scale=2.0, size=r.shape) for t, r in exact.items()}
+    embed_fn = _fake_embed({"fp32": exact, "int8": exact, "bf16": noisy},
+                           {"fp32": 0.002, "int8": 0.0005, "bf16": 0.0002})
+    chosen, facts = inference.choose("auto", CPU, embed=embed_fn, train_texts=texts[:40], train_y=labels[:40],
+                                     val_texts=texts[40:], val_y=labels[40:])
+    assert chosen == "int8", facts
+    assert facts["modes"]["int8"]["passed"] and facts["modes"]["int8"]["speedup"] > 2
+    assert not facts["modes"]["bf16"]["passed"] and "min cosine" in facts["modes"]["bf16"]["failed"][0]
+    assert "int8" in facts["why"]
+
+
+def test_auto_keeps_fp32_when_no_mode_is_faster(planted):
+    texts, labels, exact = planted
+    embed_fn = _fake_embed({m: exact for m in precision.MODES}, {m: 0.001 for m in precision.MODES})
+    chosen, facts = inference.choose("auto", CPU, embed=embed_fn, train_texts=texts[:40], train_y=labels[:40],
+                                     val_texts=texts[40:], val_y=labels[40:])
+    assert chosen == "fp32"
+    assert all("speed-up" in " ".join(facts["modes"][m]["failed"]) for m in ("bf16", "int8")), facts
+
+
+def test_auto_rejects_a_mode_whose_probe_falls_outside_fp32s_interval(planted):
+    """Validation rows identical to fp32's (the cosine check passes) but train rows that carry no
+    label: a probe fit in that mode is wrong on validation, and only the probe check sees it."""
+    texts, labels, exact = planted
+    rng = np.random.default_rng(2)
+    garbled_train = {t: rng.normal(size=8) for t in texts[:40]}
+    embed_fn = _fake_embed({"fp32": exact, "int8": exact, "bf16": exact},
+                           {"fp32": 0.002, "int8": 0.0005, "bf16": 0.002}, train_rows_of={"int8": garbled_train})
+    # the planted train rows must win over the exact ones for int8's train texts
+    embed_fn_int8 = lambda texts_, mode: (np.stack([garbled_train[t] for t in texts_])  # noqa: E731
+                                          if mode == "int8" and texts_[0] in garbled_train else embed_fn(texts_, mode))
+    chosen, facts = inference.choose("auto", CPU, embed=embed_fn_int8, train_texts=texts[:40], train_y=labels[:40],
+                                     val_texts=texts[40:], val_y=labels[40:])
+    int8 = facts["modes"]["int8"]
+    assert int8["min_cosine"] > 0.999 and not int8["passed"], facts
+    assert "probe accuracy" in " ".join(int8["failed"])
+    assert chosen == "fp32"
+
+
+def test_a_mode_set_in_params_is_used_as_is():
+    chosen, facts = inference.choose("int8", CPU, embed=None, train_texts=[], train_y=np.array([]), val_texts=[],
+                                     val_y=np.array([]))
+    assert chosen == "int8" and facts["why"].startswith("set in params")
+
+
+def test_features_records_the_mode_and_later_stages_refuse_a_changed_one(workspace: Path):
+    import yaml
+
+    raw = yaml.safe_load((workspace / "params.yaml").read_text())
+    raw["model"]["inference"] = "int8"
+    (workspace / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    run_prepare(workspace)
+    run_fetch(workspace)
+    run_select(workspace)
+    result = run_features(workspace)
+    layout = Layout(workspace)
+    assert read_json(layout.recipe)["inference"] == "int8"
+    assert read_json(layout.inference_report)["chosen"] == "int8" == result["inference"]["chosen"]
+    params = load_params(workspace)
+    assert resolved_tokenization(params, layout).inference == "int8"
+    tokenizer, encoder = load_tokenizer(layout.pretrained_dir), load_encoder(layout.pretrained_dir)
+    texts = pd.read_parquet(layout.split_file("val"))["text"].tolist()
+    fp32 = embed(encoder, tokenizer, texts, max_length=32, batch_size=8, device=CPU)
+    stored = np.load(layout.features_file("val"))
+    assert not np.allclose(stored, fp32, atol=1e-6)  # embedded in int8, not fp32
+    raw["model"]["inference"] = "fp32"
+    (workspace / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(GraftError, match=r"recipe.json: features ran with model.inference 'int8'"):
+        resolved_tokenization(load_params(workspace), layout)
+
+
+@pytest.mark.parametrize("mode", ["fp32", "int8", "bf16"])
+def test_the_served_model_scores_in_the_mode_evaluate_scored_in(tiny_model_dir: Path, tmp_path: Path, mode: str):
+    """A folder train wrote with inference `mode`: serving (batches of 32 in input order) gives
+    evaluate's scorer's probabilities (length-sorted batches of 8, each distinct text once)."""
+    from tasks.train import save_transformer
+
+    classes = ["business", "sport", "tech"]
+    model = build_classifier(tiny_model_dir, classes=classes, name="parity")
+    tokenizer = load_tokenizer(tiny_model_dir)
+    out = tmp_path / "model"
+    save_transformer(model, tokenizer, out, {"strategy": "full"},
+                     tokens=Tokenization(max_length=32, truncation="head", inference=mode))
+    assert read_json(out / SERVING_FILE)["inference"] == mode
+    texts = pd.read_csv(NEWS_CSV)["text"].tolist()
+    scorer = proba_scorer(load_classifier(out), load_tokenizer(out), max_length=32, batch_size=8, device=CPU,
+                          inference=mode)
+    evaluated = scorer(texts)
+    served = TextClassifier().load(out).predict_proba(texts)
+    np.testing.assert_allclose(served, evaluated, atol=1e-4)
+    description = read_json(out / SERVING_FILE)
+    write_json(out / SERVING_FILE, {**description, "inference": "fp32"})
+    as_fp32 = TextClassifier().load(out).predict_proba(texts)
+    if mode != "fp32":
+        assert np.abs(as_fp32 - served).max() > 1e-6  # the mode is what served them, not a no-op
