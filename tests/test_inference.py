@@ -16,7 +16,14 @@ from graft.errors import GraftError
 from graft.files import read_json, write_json
 from graft.layout import Layout
 from graft.lengths import Tokenization, resolved_tokenization
-from graft.modeling import build_classifier, embed, load_classifier, load_encoder, load_tokenizer, proba_scorer
+from graft.modeling import (
+    build_classifier,
+    embed,
+    load_classifier,
+    load_encoder,
+    load_tokenizer,
+    proba_scorer,
+)
 from graft.serving import SERVING_FILE, TextClassifier
 
 from .conftest import NEWS_CSV, load_params, run_features, run_fetch, run_prepare, run_select
