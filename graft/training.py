@@ -38,7 +38,6 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from graft.config import TRANSFER_STRATEGIES
 from graft.errors import GraftError
 from graft.files import atomic_path, write_json
 from graft.modeling import autocast, encoder_layers, freeze_lower_layers, tokenize
@@ -148,6 +147,10 @@ def prepare_strategy(model: PreTrainedModel, strategy: str, *, freeze_layers: in
         peft_model = apply_lora(model, **(lora or {}))
         groups = [{"params": [p for p in peft_model.parameters() if p.requires_grad], "lr": lr, "weight_decay": weight_decay}]
         return peft_model, 0, groups
+    # imported here, not at the top: the training loop then imports without pydantic (graft.config's),
+    # which a bare GPU machine lacks (benchmarks/gpu_check.py runs fit there)
+    from graft.config import TRANSFER_STRATEGIES
+
     raise GraftError(f"train.strategies: unknown strategy {strategy!r}; choose from {TRANSFER_STRATEGIES}")
 
 

@@ -68,9 +68,11 @@ def wait_for_descendant(proc: subprocess.Popen, args: tuple[str, ...], timeout: 
     raise AssertionError(f"no `{' '.join(args)}` process below PID {proc.pid} within {timeout}s")
 
 
-def build_tiny_bert(out_dir: Path, texts: list[str], *, initializer_range: float = 0.02) -> Path:
+def build_tiny_bert(out_dir: Path, texts: list[str], *, initializer_range: float = 0.02, **sizes: int) -> Path:
     """A 2-layer BERT with hidden size 32 and a word-level vocabulary of the given texts.
-    `initializer_range` (BERT's 0.02 by default) also sets the std of a new head's weights."""
+    `initializer_range` (BERT's 0.02 by default) also sets the std of a new head's weights;
+    `sizes` replace BertConfig fields (benchmarks/gpu_check.py builds a 3-layer one, and a
+    BERT-base-sized one where no pretrained backbone is installed)."""
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     words = sorted({w.strip(".,").lower() for t in texts for w in t.split()})
@@ -79,9 +81,10 @@ def build_tiny_bert(out_dir: Path, texts: list[str], *, initializer_range: float
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", *words]) + "\n")
     # `vocab=`: transformers 5 ignores `vocab_file=` here and builds a 5-token vocabulary (every word [UNK])
     tokenizer = BertTokenizerFast(vocab=str(vocab), do_lower_case=True)
-    cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64, architectures=["BertModel"],
-                     initializer_range=initializer_range)
+    shape = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+             "max_position_embeddings": 64, **sizes}
+    cfg = BertConfig(vocab_size=len(tokenizer), architectures=["BertModel"], initializer_range=initializer_range,
+                     **shape)
     import torch
 
     torch.manual_seed(0)
