@@ -244,21 +244,34 @@ def embed_throughput(backbone: dict, device: torch.device, *, params: dict, size
     batch_size, truncation = params["features"]["batch_size"], params["model"]["truncation"]
     encoder, tokenizer = load_encoder(backbone["dir"]), backbone["tokenizer"]
 
-    def run(some: list[str]) -> np.ndarray:
+    def run(some: list[str], mode: str) -> np.ndarray:
         return embed(encoder, tokenizer, some, max_length=backbone["max_length"], batch_size=batch_size,
-                     device=device, truncation=truncation)
+                     device=device, truncation=truncation, inference=mode)
 
-    run(texts[:batch_size])  # warm-up: CUDA context, cuBLAS handles, kernel choice
-    started = time.perf_counter()
-    vectors = run(texts)
-    seconds = time.perf_counter() - started
-    if not np.isfinite(vectors).all():
-        raise RuntimeError("embed returned non-finite embeddings")
-    rate = len(texts) / seconds
-    say(f"embed: {backbone['name']}, {len(texts)} texts, batch {batch_size}, max_length {backbone['max_length']}, "
-        f"precision auto (bf16 on a GPU, fp32 on a CPU): {seconds:.3g} s = {rate:.4g} texts/s")
-    return {"model": backbone["name"], "texts": len(texts), "batch_size": batch_size,
-            "max_length": backbone["max_length"], "seconds": seconds, "texts_per_s": rate}
+    # model.inference's modes that run natively here (graft.inference), fp32 the reference
+    from graft.inference import cosines, unsupported
+
+    modes = ["fp32", *(m for m in ("bf16", "int8") if unsupported(m, device) is None)]
+    facts: dict = {"model": backbone["name"], "texts": len(texts), "batch_size": batch_size,
+                   "max_length": backbone["max_length"], "modes": {}}
+    reference = None
+    for mode in modes:
+        run(texts[:batch_size], mode)  # warm-up: CUDA context, cuBLAS handles, kernel choice
+        started = time.perf_counter()
+        vectors = run(texts, mode)
+        seconds = time.perf_counter() - started
+        if not np.isfinite(vectors).all():
+            raise RuntimeError(f"embed ({mode}) returned non-finite embeddings")
+        reference = vectors if reference is None else reference
+        cos = cosines(vectors, reference)
+        facts["modes"][mode] = {"seconds": seconds, "texts_per_s": len(texts) / seconds,
+                                "min_cosine_to_fp32": float(cos.min())}
+        say(f"embed: {backbone['name']}, {len(texts)} texts, batch {batch_size}, max_length "
+            f"{backbone['max_length']}, inference {mode}: {seconds:.3g} s = {len(texts) / seconds:.4g} texts/s, "
+            f"min cosine to fp32 {cos.min():.5f}")
+    best = max(facts["modes"], key=lambda m: facts["modes"][m]["texts_per_s"])
+    facts.update(seconds=facts["modes"][best]["seconds"], texts_per_s=facts["modes"][best]["texts_per_s"], fastest=best)
+    return facts
 
 
 def parity(*, dry_run: bool, timeout: float) -> dict:

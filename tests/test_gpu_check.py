@@ -55,6 +55,8 @@ def test_the_dry_run_reports_every_section_with_rates_that_add_up(tmp_path: Path
 
     embed = report["sections"]["embed"]
     assert embed["texts"] == 96 and positive(embed["texts_per_s"])
+    assert embed["modes"]["fp32"]["min_cosine_to_fp32"] > 0.9999 and all(  # fp32 is the reference
+        positive(m["texts_per_s"]) and m["min_cosine_to_fp32"] > 0.9 for m in embed["modes"].values())
 
     parity = report["sections"]["parity"]
     assert parity["returncode"] == 0 and not parity["ran"] and parity["skipped_reason"]
