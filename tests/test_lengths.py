@@ -182,7 +182,8 @@ def auto_head_tail(tmp_path_factory) -> Path:
 
 def test_auto_resolves_the_length_from_the_train_texts_and_every_stage_uses_it(auto_head_tail: Path):
     layout = Layout(auto_head_tail)
-    assert read_json(layout.recipe) == {"max_length": 48, "truncation": "head_tail", "requested": "auto"}
+    assert read_json(layout.recipe) == {"max_length": 48, "truncation": "head_tail", "requested": "auto",
+                                       "inference": "fp32", "inference_requested": "fp32"}
     facts = read_json(layout.sequence_length)
     assert facts["max_length"] == 48 and facts["requested"] == "auto" and facts["texts"] == 18
     assert facts["rule"] == {"coverage": 0.9, "budget_mean_tokens": 256, "cap": 64, "covering_length": LONG + 2,
