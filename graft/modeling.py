@@ -149,9 +149,14 @@ class MeanPoolingClassifier(torch.nn.Module):
             self.classifier.weight.copy_(weight)
             self.classifier.bias.copy_(bias)
 
+    # the head stays fp32 in every inference mode (graft.precision), as the served probe applies it
+    fp32_modules = ("classifier",)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> SequenceClassifierOutput:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-        return SequenceClassifierOutput(logits=self.classifier(mean_pool(hidden.float(), attention_mask)))
+        with torch.autocast(hidden.device.type, enabled=False):
+            logits = self.classifier(mean_pool(hidden.float(), attention_mask))
+        return SequenceClassifierOutput(logits=logits)
 
 
 def save_probe_classifier(

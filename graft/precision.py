@@ -44,8 +44,11 @@ def prepare(model: torch.nn.Module, mode: str) -> torch.nn.Module:
 
     with warnings.catch_warnings():  # torch.ao's deprecation notices
         warnings.simplefilter("ignore")
-        quantized = quantize_dynamic(copy.deepcopy(model).cpu().eval(), {torch.nn.Linear: per_channel_dynamic_qconfig},
-                                     dtype=torch.qint8)
+        # every Linear but those the model keeps in fp32 (`fp32_modules`: a head served in fp32)
+        keep = tuple(getattr(model, "fp32_modules", ()))
+        names = {name: per_channel_dynamic_qconfig for name, module in model.named_modules()
+                 if isinstance(module, torch.nn.Linear) and not any(name == k or name.startswith(f"{k}.") for k in keep)}
+        quantized = quantize_dynamic(copy.deepcopy(model).cpu().eval(), names, dtype=torch.qint8)
     state: dict = {}
     for parent in list(quantized.modules()):
         for name, child in list(parent.named_children()):

@@ -142,18 +142,31 @@ def test_features_records_the_mode_and_later_stages_refuse_a_changed_one(workspa
         resolved_tokenization(load_params(workspace), layout)
 
 
+@pytest.mark.parametrize("head", ["sequence_classification", "linear_probe"])
 @pytest.mark.parametrize("mode", ["fp32", "int8", "bf16"])
-def test_the_served_model_scores_in_the_mode_evaluate_scored_in(tiny_model_dir: Path, tmp_path: Path, mode: str):
+def test_the_served_model_scores_in_the_mode_evaluate_scored_in(tiny_model_dir: Path, tmp_path: Path, mode: str,
+                                                                head: str):
     """A folder train wrote with inference `mode`: serving (batches of 32 in input order) gives
-    evaluate's scorer's probabilities (length-sorted batches of 8, each distinct text once)."""
-    from tasks.train import save_transformer
+    evaluate's scorer's probabilities (length-sorted batches of 8, each distinct text once). A
+    probe's head stays fp32 in both (serving applies it outside the mode)."""
+    from graft.modeling import save_probe_classifier
+    from graft.serving import LINEAR_PROBE, describe, write_description
+    from tasks.train import PROBE_HEAD_FILE, save_transformer
 
     classes = ["business", "sport", "tech"]
-    model = build_classifier(tiny_model_dir, classes=classes, name="parity")
     tokenizer = load_tokenizer(tiny_model_dir)
     out = tmp_path / "model"
-    save_transformer(model, tokenizer, out, {"strategy": "full"},
-                     tokens=Tokenization(max_length=32, truncation="head", inference=mode))
+    tokens = Tokenization(max_length=32, truncation="head", inference=mode)
+    if head == "sequence_classification":
+        model = build_classifier(tiny_model_dir, classes=classes, name="parity")
+        save_transformer(model, tokenizer, out, {"strategy": "full"}, tokens=tokens)
+    else:
+        rng = np.random.default_rng(0)
+        weight, bias = rng.normal(size=(3, 32)).astype(np.float32) * 3, rng.normal(size=3).astype(np.float32)
+        serving = describe(labels=classes, max_length=32, truncation="head", tokenizer=tokenizer, head=LINEAR_PROBE,
+                           head_file=PROBE_HEAD_FILE, inference=mode)
+        save_probe_classifier(load_encoder(tiny_model_dir), tokenizer, weight, bias, classes=classes, out_dir=out,
+                              also_write=lambda folder: write_description(folder, serving))
     assert read_json(out / SERVING_FILE)["inference"] == mode
     texts = pd.read_csv(NEWS_CSV)["text"].tolist()
     scorer = proba_scorer(load_classifier(out), load_tokenizer(out), max_length=32, batch_size=8, device=CPU,
