@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-from scipy.stats import binomtest
 
 VERDICTS = ("positive", "no_gain", "negative")
 
@@ -76,6 +75,8 @@ def with_intervals(y_true: np.ndarray, y_pred: np.ndarray, resamples: np.ndarray
 def mcnemar_exact(right_a: np.ndarray, right_b: np.ndarray) -> dict:
     """Exact McNemar: of the rows where exactly one model is right, is the split 50/50?"""
     only_a, only_b = int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())
+    from scipy.stats import binomtest  # seconds to import: only where a test is run
+
     p_value = float(binomtest(only_a, only_a + only_b, 0.5).pvalue) if only_a + only_b else 1.0
     return {"name": "exact McNemar (two-sided) on paired test predictions", "p_value": p_value,
             "only_transferred_right": only_a, "only_baseline_right": only_b}

@@ -9,12 +9,10 @@ import numpy as np
 import pandas as pd
 
 from graft import config
-from graft.adaptation import adapted_encoder, load_masked_lm, mlm_pretrain
 from graft.errors import exits_cleanly
 from graft.files import atomic_path, write_json
 from graft.layout import Layout, require
 from graft.lengths import resolved_tokenization
-from graft.modeling import load_tokenizer, seed_everything, select_device
 
 STATE_FILE = "adapt.json"
 
@@ -37,6 +35,11 @@ def adapt(params: config.Params, *, layout: Layout) -> dict:
             write_json(tmp / STATE_FILE, state)
         write_json(layout.adapt_report, state)
         return state
+    # torch and transformers only past the off switch: a stage that is off costs its interpreter
+    # start, not the 10 s of those imports
+    from graft.adaptation import adapted_encoder, load_masked_lm, mlm_pretrain
+    from graft.modeling import load_tokenizer, seed_everything, select_device
+
     require(layout.unlabelled_file, layout.split_file("train"), layout.pretrained_dir, root=layout.root)
     texts = adapt_texts(pd.read_parquet(layout.unlabelled_file), pd.read_parquet(layout.split_file("train")),
                         max_texts=a.mlm.max_texts, seed=params.seed)

@@ -16,13 +16,11 @@ import numpy as np
 import pandas as pd
 
 from graft import config
-from graft.baselines import select_tfidf
 from graft.errors import GraftError, exits_cleanly
 from graft.files import atomic_write_bytes, write_json
 from graft.layout import Layout, require
 from graft.lengths import resolved_tokenization
 from graft.stats import interval
-from graft.training import train_linear_probe
 
 TRANSFER = ("linear_probe", "partial")
 BASELINES = ("tfidf",)
@@ -124,6 +122,11 @@ def curve(params: config.Params, *, layout: Layout) -> dict:
         write_json(layout.curve_report, result)
         atomic_write_bytes(layout.curve_plot, note_png("data-efficiency curve: off (curve.enabled)"))
         return result
+    # torch, transformers and scikit-learn only past the off switch: a stage that is off costs its
+    # interpreter start, not the 10 s of those imports
+    from graft.baselines import select_tfidf
+    from graft.training import train_linear_probe
+
     split = {s: layout.split_file(s) for s in ("train", "val", "test")}
     require(*split.values(), layout.features_file("train"), layout.features_file("test"), root=layout.root)
     train, test = pd.read_parquet(split["train"]), pd.read_parquet(split["test"])

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.decomposition import PCA
-from sklearn.linear_model import LogisticRegression
 
 from graft import config
 from graft.errors import GraftError, exits_cleanly
@@ -24,12 +22,13 @@ from graft.files import atomic_write_bytes, write_json
 from graft.layout import Layout, require
 from graft.lengths import resolved_tokenization
 from graft.stats import bootstrap_indices, interval, mcnemar_exact
-from graft.training import train_linear_probe
 
 
 def proxy_a_distance(source: np.ndarray, target: np.ndarray, *, samples: int, confidence: float, seed: int) -> dict:
     """2(1 - 2 err) of a domain classifier trained on half of each domain, err on the other half;
     the interval resamples the held-out rows. Near 0: indistinguishable; 2: fully separable."""
+    from sklearn.linear_model import LogisticRegression
+
     rng = np.random.default_rng(seed)
     x = np.vstack([source, target])
     d = np.r_[np.zeros(len(source), int), np.ones(len(target), int)]
@@ -94,7 +93,6 @@ def balanced_sample(frame: pd.DataFrame, target: str, max_rows: int, seed: int) 
 
 def domain(params: config.Params, *, layout: Layout) -> dict:
     """Write reports/domain.json and its plot (a stub saying why when the stage is off)."""
-    from graft.modeling import embed_layers, load_encoder, load_tokenizer, select_device
     from graft.report import domain_png, note_png
 
     column, target = params.data.domain_column, params.domain.target
@@ -103,6 +101,9 @@ def domain(params: config.Params, *, layout: Layout) -> dict:
         write_json(layout.domain_report, result)
         atomic_write_bytes(layout.domain_plot, note_png("domain gap: off (data.domain_column, domain.target)"))
         return result
+    # torch, transformers and scikit-learn only past the off switch: a stage that is off costs its
+    # interpreter start, not the 10 s of those imports
+    from graft.modeling import embed_layers, load_encoder, load_tokenizer, select_device
     split = {s: layout.split_file(s) for s in ("train", "test")}
     require(*split.values(), layout.features_file("train"), layout.features_file("test"),
             layout.pretrained_dir / "config.json", root=layout.root)
@@ -115,6 +116,9 @@ def domain(params: config.Params, *, layout: Layout) -> dict:
     source_rows, target_rows = balanced_sample(train, target, params.domain.max_rows, seed)
     if len(source_rows) < 4:
         raise GraftError(f"{split['train']}: {len(source_rows)} train rows per domain; the domain gap needs 4 or more")
+    from sklearn.decomposition import PCA
+
+
     trust = params.model.trust_remote_code
     tokenizer = load_tokenizer(layout.pretrained_dir, trust_remote_code=trust)
     encoder = load_encoder(layout.pretrained_dir, trust_remote_code=trust)
@@ -146,6 +150,8 @@ def _source_only_vs_target(params: config.Params, *, layout: Layout, train: pd.D
                            source_rows: np.ndarray, target_rows: np.ndarray) -> dict:
     """The linear probe on the cached features, trained on source rows or on as many target rows,
     scored on the target domain's test rows (bootstrap intervals, paired McNemar)."""
+    from graft.training import train_linear_probe
+
     train_x, test_x = np.load(layout.features_file("train")), np.load(layout.features_file("test"))
     val, val_x = pd.read_parquet(layout.split_file("val")), np.load(layout.features_file("val"))
     y = train["label_id"].to_numpy()
