@@ -15,9 +15,11 @@ method sees the same labelled texts and nothing else (no validation set):
   fixed C);
 - partial: graft.training.prepare_strategy("partial") + fit with params.yaml's train settings
   (5 epochs, lr 1e-4, batch 16, weight decay 0.01, warm-up 0.1, freeze_layers 2), max_length 128,
-  patience None (every epoch runs). fit keeps its best epoch on the val texts it is given; here
-  those are the train texts (no other labels exist), so the epoch kept is the first with the best
-  train accuracy (reported as best_epoch).
+  patience None (every epoch runs), and the model scored is the last epoch's: fit restores its
+  best epoch on the val texts it is given, which here would be the train texts (no other labels
+  exist; at 8 per class train accuracy is 1.0 after epoch 1, so epoch 1 would be kept), so that
+  restore is switched off for this call (graft.training._restore patched to a no-op). The train
+  texts are still passed as val: fit's per-epoch train accuracy is reported.
 
 Per cell: test accuracy with a 95% percentile-bootstrap interval (graft.stats, 1000 resamples of
 the test rows, seed --seed, the same resamples for every cell of a corpus), training seconds and
@@ -36,6 +38,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -115,11 +118,14 @@ def run_setfit(model_dir: Path, train: pd.DataFrame, test: pd.DataFrame, seed: i
 class Probe:
     """The frozen backbone's test embeddings are the same for every size: embedded once, timed once."""
 
-    def __init__(self, model_dir: Path, test: pd.DataFrame) -> None:
+    def __init__(self, model_dir: Path, test: pd.DataFrame, cache: Path) -> None:
         self.encoder, self.tokenizer = load_encoder(model_dir), load_tokenizer(model_dir)
-        self.test = test
+        self.test, self.cache = test, cache
         self.test_x: np.ndarray | None = None
         self.test_embed_seconds = 0.0
+        if cache.exists():  # a rerun reuses the embeddings and the seconds they took
+            saved = np.load(cache)
+            self.test_x, self.test_embed_seconds = saved["x"], float(saved["seconds"])
 
     def embed(self, texts: list[str]) -> np.ndarray:
         return embed(self.encoder, self.tokenizer, texts, max_length=MAX_LENGTH, batch_size=64,
@@ -130,6 +136,7 @@ class Probe:
             started = time.perf_counter()
             self.test_x = self.embed(self.test["text"].tolist())
             self.test_embed_seconds = time.perf_counter() - started
+            np.savez(self.cache, x=self.test_x, seconds=self.test_embed_seconds)
         started = time.perf_counter()
         train_x, train_y = self.embed(train["text"].tolist()), train["y"].to_numpy()
         weight, bias, facts = train_linear_probe(train_x, train_y, train_x, train_y, C=1.0, C_grid=[1.0], seed=seed)
@@ -153,18 +160,20 @@ def run_partial(model_dir: Path, train: pd.DataFrame, test: pd.DataFrame, classe
                            warmup_ratio=p["warmup_ratio"], max_length=MAX_LENGTH, seed=seed, patience=None)
     texts, y = train["text"].tolist(), train["y"].to_numpy()
     started = time.perf_counter()
-    result = fit(model, tokenizer, train_texts=texts, train_labels=y, val_texts=texts, val_labels=y,
-                 settings=settings, param_groups=groups, device=torch.device("cpu"), freeze_layers=frozen,
-                 desc="partial")
+    with mock.patch("graft.training._restore", lambda *_a, **_k: None):  # fixed epochs: keep the last one
+        result = fit(model, tokenizer, train_texts=texts, train_labels=y, val_texts=texts, val_labels=y,
+                     settings=settings, param_groups=groups, device=torch.device("cpu"), freeze_layers=frozen,
+                     desc="partial")
     train_seconds = time.perf_counter() - started
-    model.eval()
+    model.eval()  # (fit's result: best_epoch is the epoch fit would have restored; the last is scored)
     started = time.perf_counter()
     proba = predict_proba(model, tokenizer, test["text"].tolist(), max_length=MAX_LENGTH, batch_size=64,
                           device=torch.device("cpu"))
     score_seconds = time.perf_counter() - started
     return {"pred": proba.argmax(1), "train_seconds": train_seconds, "score_seconds": score_seconds,
             "settings": {**p, "max_length": MAX_LENGTH, "patience": None, "val": "the train set",
-                         "best_epoch": result["best_epoch"], "epochs_run": result["epochs_run"],
+                         "kept_epoch": result["epochs_run"], "epochs_run": result["epochs_run"],
+                         "best_train_accuracy_epoch": result["best_epoch"],
                          "train_accuracy_per_epoch": [h["val_accuracy"] for h in result["history"]]}}
 
 
@@ -206,7 +215,7 @@ def main() -> None:
                 if (corpus, n, method) in done:
                     continue
                 if method == "linear_probe":
-                    probe = probe or Probe(model_dir, test)
+                    probe = probe or Probe(model_dir, test, a.out.with_suffix(f".{corpus}_test{a.test}_seed{a.seed}.npz"))
                     r = probe.run(train, a.seed)
                 elif method == "partial":
                     r = run_partial(model_dir, train, test, classes, a.seed)
