@@ -211,6 +211,7 @@ def finetune(backbone: dict, device: torch.device, *, params: dict, size: dict, 
     result = fit(model, backbone["tokenizer"], train_texts=texts[:n], train_labels=label_ids[:n], val_texts=texts[n:],
                  val_labels=label_ids[n:], settings=settings, param_groups=groups, device=device,
                  freeze_layers=frozen, desc="finetune")
+    # every rate below from the one (rounded) epoch time fit reports, so they agree with each other
     last = result["throughput"][-1]
     tokens = sum(len(ids) for ids in tokenize(backbone["tokenizer"], texts[:n], settings.max_length, settings.truncation))
     flops = training_flops(counts, tokens=tokens, sequences=n, frozen_blocks_ran=not result["frozen_cached"])
@@ -218,7 +219,7 @@ def finetune(backbone: dict, device: torch.device, *, params: dict, size: dict, 
     facts = {"model": backbone["name"], "strategy": "partial", "precision": settings.precision,
              "freeze_layers": frozen, "blocks": model.config.num_hidden_layers, "batch_size": settings.batch_size,
              "max_length": settings.max_length, "samples_per_epoch": n, "tokens_per_epoch": tokens,
-             "epochs": result["epochs_run"], "epoch_seconds": last["seconds"], "samples_per_s": last["samples_per_s"],
+             "epochs": result["epochs_run"], "epoch_seconds": last["seconds"], "samples_per_s": n / last["seconds"],
              "tokens_per_s": tokens / last["seconds"], "frozen_cached": result["frozen_cached"], "params": counts,
              "flops_per_epoch": flops, "model_tflops": model_tflops, "formula": FLOPS_FORMULA}
     say(f"finetune: {backbone['name']}, partial ({frozen} of {facts['blocks']} blocks frozen"
