@@ -281,6 +281,9 @@ class EvaluateParams(_Section):
     probe_C: Literal["auto"] | PositiveFloat = Field(description=(
         "Inverse L2 strength of the frozen-backbone probe: a number, or auto: chosen on validation over "
         "train.probe.C_grid by the linear_probe strategy's rule (so the two are the same model)."))
+    probe_scratch: bool = Field(description=(
+        "Run the bias and robustness probes on the scratch baseline too (it is always scored on test "
+        "and validation for the verdict)."))
 
     @field_validator("major_flip_rate")
     @classmethod

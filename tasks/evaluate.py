@@ -63,7 +63,8 @@ from graft.stats import (
 )
 
 PROPOSED = "finetune"
-BASELINES = ("scratch", "tfidf")
+SCRATCH = "scratch"
+BASELINES = (SCRATCH, "tfidf")
 BACKBONE_PROBE = "backbone_probe"
 VERDICT_RANK = {"negative": 0, "no_gain": 1, "positive": 2}
 REQUIRED_RANK = {"any": 0, "no_gain": 1, "positive": 2}
@@ -311,7 +312,9 @@ def assess(
         f1 = f1_score(y, p, average=None, labels=range(n_classes), zero_division=0)
         metrics[split] = {**point_scores(y, p, n_classes), "per_class_f1": dict(zip(classes, f1.tolist(), strict=True))}
 
-    # bias: counterfactual swaps, template probes, groups, co-occurrence
+    # bias: counterfactual swaps, template probes, groups, co-occurrence; the model probes skip the
+    # scratch baseline unless evaluate.probe_scratch (group metrics reuse test predictions: all)
+    probed = {name: p for name, p in predictors.items() if e.probe_scratch or name != SCRATCH}
     axes = load_identity_terms(_resolve(e.identity_terms, layout))
     directions = counterfactual_pairs(test_texts, axes, max_texts=e.max_probe_texts, seed=params.seed,
                                       visible=visible)
@@ -321,7 +324,7 @@ def assess(
         name: counterfactual_probe(p, test_texts, directions, tolerance=e.tv_tolerance, finding=e.finding_flip_rate,
                                    major=e.major_flip_rate, examples=e.examples, original_proba=proba[name],
                                    classes=classes)
-        for name, p in predictors.items()
+        for name, p in probed.items()
     }
     templates: dict = {"file": e.template_probes, "candidates": {}}
     if e.template_probes:
@@ -330,7 +333,7 @@ def assess(
         templates["candidates"] = {
             name: template_probe(p, frame, template_axes, classes, samples=e.bootstrap_samples,
                                  confidence=e.confidence, seed=params.seed)
-            for name, p in predictors.items()
+            for name, p in probed.items()
         }
     groups, domains = {}, {}
     # prepare carries the domain column into the splits as `domain` (groups keep their names)
@@ -351,7 +354,7 @@ def assess(
         "templates": templates,
         "cooccurrence": cooccurrence(train["text"].tolist(), train["label"].astype(str).tolist(), axes),
         "inherited_vs_added": {
-            axis.name: {name: counterfactual[name]["axes"].get(axis.name, {}).get("flip_rate") for name in predictors}
+            axis.name: {name: counterfactual[name]["axes"].get(axis.name, {}).get("flip_rate") for name in probed}
             for axis in axes
         },
         "note": ("An identity term absent from the training data has zero weight in TF-IDF, so a flip under "
@@ -363,7 +366,7 @@ def assess(
     robustness = {"candidates": {
         name: robustness_probe(p, test_texts, rows, perturbed, original_proba=proba[name], finding=e.finding_flip_rate,
                                major=e.major_flip_rate, classes=classes, examples=e.examples)
-        for name, p in predictors.items()}}
+        for name, p in probed.items()}}
 
     group_gaps = [max(g[proposed]["gaps"]["accuracy"], g[proposed]["gaps"]["macro_f1"]) for g in groups.values()]
     result_gate = gate(params.gate, metrics=metrics["test"], verdict=verdict,
@@ -490,8 +493,8 @@ def _summary_lines(result: Mapping) -> list[str]:
     for name, cand in result["transfer"]["candidates"].items():
         t = cand["test"]
         low, high = t["accuracy_ci"]
-        cf = result["bias"]["counterfactual"][name]["max_flip_rate"]
-        rob = result["robustness"]["candidates"][name]["max_flip_rate"]
+        cf = result["bias"]["counterfactual"].get(name, {}).get("max_flip_rate")  # None: not probed
+        rob = result["robustness"]["candidates"].get(name, {}).get("max_flip_rate")
         lines.append(f"evaluate: {name:14s} test accuracy {t['accuracy']:.4f} [{low:.4f}, {high:.4f}], "
                      f"macro-F1 {t['macro_f1']:.4f}, counterfactual flips {fmt(cf)}, robustness flips {fmt(rob)}")
     return lines

@@ -36,7 +36,7 @@ from graft.layout import Layout
 from graft.report import SECTIONS, gate_failure_message, render_html, summary_markdown
 from graft.robustness import perturb, robustness_probe
 from graft.stats import bootstrap_indices, bootstrap_scores, transfer_verdict, with_intervals
-from tasks.evaluate import assess, gate
+from tasks.evaluate import _summary_lines, assess, gate
 
 from .conftest import NEWS_CSV, make_workspace, pin_sources, tiny_params
 
@@ -207,13 +207,46 @@ def test_a_model_keyed_on_a_gendered_word_is_caught_and_fails_the_gate(biased: b
     else:
         assert gender["flip_rate"] == 0.0 and gender["severity"] == "ok"
         assert result["gate"]["passed"], result["gate"]
-    assert set(result["bias"]["counterfactual"]) == set(predictors)
+    assert set(result["bias"]["counterfactual"]) == set(predictors) - {"scratch"}  # evaluate.probe_scratch: false
     assert set(result["bias"]["groups"]["group"]) == set(predictors)
     assert result["bias"]["cooccurrence"]["gender"]["female"]["texts"] == int(train["text"].str.contains("She").sum())
     assert set(result["robustness"]["candidates"]["finetune"]["perturbations"]) == {
         "typo", "casing", "punctuation", "whitespace"}
     markdown = summary_markdown(result["transfer"], result["gate"], result["bias"], result["robustness"])
     assert ("failed" in markdown) is biased
+
+
+@pytest.mark.parametrize("probe_scratch", [False, True])
+def test_the_scratch_baseline_is_scored_for_the_verdict_and_probed_only_when_asked(probe_scratch: bool):
+    """Off by default: scratch scores the test and validation texts (the verdict needs them) and
+    nothing else; on, it gets every probe the other candidates get."""
+    params = _tiny_config()
+    params = config.validate({**params.model_dump(), "evaluate": {**params.evaluate.model_dump(),
+                                                                   "probe_scratch": probe_scratch}})
+    train, val, test = _synthetic(60, 0), _synthetic(40, 1), _synthetic(120, 2)
+    seen: list[str] = []
+    scratch = keyword_model(noise=0.3)
+
+    def counted(texts):
+        seen.extend(texts)
+        return scratch(texts)
+
+    predictors = {"finetune": keyword_model(biased=True), "scratch": counted,
+                  "tfidf": keyword_model(noise=0.1), "backbone_probe": keyword_model(noise=0.2)}
+    result = assess(predictors, params=params, layout=Layout(REPO), train=train, val=val, test=test,
+                    classes=CLASSES, group_columns=["group"])
+    probed = {"finetune", "tfidf", "backbone_probe"} | ({"scratch"} if probe_scratch else set())
+    assert set(result["bias"]["counterfactual"]) == probed
+    assert set(result["robustness"]["candidates"]) == probed
+    assert set(result["bias"]["templates"]["candidates"]) == probed
+    assert "scratch" in result["transfer"]["candidates"] and "scratch" in result["bias"]["groups"]["group"]
+    scored = set(test["text"]) | set(val["text"])
+    if probe_scratch:
+        assert len(set(seen) - scored) > 0
+    else:
+        assert sorted(seen) == sorted(test["text"].tolist() + val["text"].tolist())
+    [line] = [line for line in _summary_lines(result) if line.startswith("evaluate: scratch")]
+    assert ("counterfactual flips —" in line) is not probe_scratch, line
 
 
 class _Outline(HTMLParser):
@@ -455,15 +488,16 @@ def test_reports_follow_the_design_contract(evaluated: Path):
         transfer["candidates"][transfer["proposed"]]["test"]["accuracy"]
         - transfer["candidates"][transfer["best_baseline"]]["test"]["accuracy"])
     bias = read_json(evaluated / "reports/bias.json")
-    assert set(bias["counterfactual"]) == set(transfer["candidates"])
-    assert set(bias["inherited_vs_added"]["gender"]) == set(transfer["candidates"])
+    probed = set(transfer["candidates"]) - {"scratch"}  # evaluate.probe_scratch: false
+    assert set(bias["counterfactual"]) == probed
+    assert set(bias["inherited_vs_added"]["gender"]) == probed
     for per_axis in bias["templates"]["candidates"].values():  # every gap says which group is lower
         assert all({"class", "lower", "higher"} <= set(r["max_gap_direction"]) for r in per_axis.values())
     assert all("mean_shift" in d for c in bias["counterfactual"].values() for d in c["directions"])
     gate_report = read_json(evaluated / "reports/gate.json")
     assert set(gate_report) == {"passed", "checks"} and len(gate_report["checks"]) == 7
     robustness = read_json(evaluated / "reports/robustness.json")
-    assert set(robustness["candidates"]) == set(transfer["candidates"])
+    assert set(robustness["candidates"]) == probed
     assert (evaluated / "reports/plots/confusion.png").read_bytes()[:4] == b"\x89PNG"
     html = (evaluated / "reports/report.html").read_text()
     assert "src=\"http" not in html and "<script" not in html  # self-contained
