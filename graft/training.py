@@ -67,6 +67,12 @@ class FitSettings:
     precision: str = "auto"
 
 
+# AdamW's fused kernel (one pass over each tensor) where torch has it; on the CPU it took 79 ms a
+# step over 7.4M parameters (the partial strategy's) against 218 ms for the default per-tensor loop,
+# side by side on 2 cores. The Hugging Face Trainer's default optimizer (adamw_torch_fused) is the same.
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")
+
+
 # ---------------------------------------------------------------------------- distributed
 
 
@@ -392,7 +398,8 @@ def fit(
         collate = partial(_collate_ids, tokenizer, device=device)
     cache_seconds = time.perf_counter() - started
 
-    optimizer = torch.optim.AdamW(param_groups, lr=s.lr, weight_decay=s.weight_decay, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(param_groups, lr=s.lr, weight_decay=s.weight_decay,
+                                  fused=device.type in FUSED_ADAMW_DEVICES)
     steps_per_epoch = math.ceil(len(train_ids) / s.batch_size)
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(s.warmup_ratio * steps_per_epoch * s.epochs), steps_per_epoch * s.epochs

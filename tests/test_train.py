@@ -225,3 +225,33 @@ def test_a_new_head_is_said_in_one_line_and_only_unexpected_keys_are_reported(tm
                                "bert.pooler.dense.bias") for line in lines), lines
     assert any(line.startswith("full: warning: ") and "checkpoint weight(s) not used by the model: cls.predictions"
                in line for line in lines), lines
+
+
+def test_fit_steps_with_fused_adamw_on_the_cpu(tmp_path: Path, tiny_model_dir: Path):
+    """The optimizer a fit runs (read back from its checkpoint) is AdamW's fused kernel on the
+    CPU, as on a GPU; its first step moves the weights as the per-tensor loop does."""
+    from graft.modeling import build_classifier, seed_everything
+    from graft.training import FitSettings, fit, prepare_strategy
+
+    frame = pd.read_csv(Path(__file__).parent / "fixtures" / "news_tiny.csv")
+    classes = sorted(frame["label"].unique())
+    labels = frame["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    seed_everything(0)
+    model, frozen, groups = prepare_strategy(build_classifier(tiny_model_dir, classes=classes), "partial",
+                                             freeze_layers=1, lr=5e-3, weight_decay=0.01)
+    fit(model, load_tokenizer(tiny_model_dir), train_texts=frame["text"][:12].tolist(), train_labels=labels[:12],
+        val_texts=frame["text"][12:18].tolist(), val_labels=labels[12:18],
+        settings=FitSettings(lr=5e-3, epochs=1, batch_size=4, max_length=32, checkpoint_every=1, eval_batch_size=8),
+        param_groups=groups, device=torch.device("cpu"), freeze_layers=frozen, checkpoint_dir=tmp_path / "ckpt",
+        fingerprint="fused", desc="fused")
+    [state] = [torch.load(p, weights_only=True) for p in (tmp_path / "ckpt").rglob("optimizer.pt")]
+    assert all(group["fused"] for group in state["optimizer"]["param_groups"])
+    weights = [torch.nn.Parameter(torch.randn(64, 32, generator=torch.Generator().manual_seed(i))) for i in range(3)]
+    moved = {}
+    for fused in (False, True):
+        params = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+        for p, w in zip(params, weights, strict=True):
+            p.grad = torch.sin(w.detach())
+        torch.optim.AdamW(params, lr=5e-3, weight_decay=0.01, fused=fused).step()
+        moved[fused] = torch.cat([p.detach().flatten() for p in params])
+    torch.testing.assert_close(moved[True], moved[False], rtol=1e-6, atol=1e-7)
