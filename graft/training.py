@@ -7,8 +7,8 @@ changing what it computes:
   blocks run on them;
 - batches are grouped by length, so little padding is computed;
 - validation runs every epoch and stops early when it stops improving;
-- on CUDA: bf16 autocast, fused AdamW, SDPA attention (transformers' default), optional
-  `torch.compile`.
+- AdamW's fused kernel, on the CPU as on CUDA;
+- on CUDA: bf16 autocast, SDPA attention (transformers' default), optional `torch.compile`.
 
 The same code runs under `torchrun --nproc_per_node=N`: every rank walks the same global batch
 order and takes its share of each global batch; the loss is normalised by the global batch, so
