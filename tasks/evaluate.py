@@ -206,6 +206,8 @@ def load_candidates(layout: Layout, params: config.Params, *, splits: Mapping[st
             predictors[name] = load_tfidf(path)
         elif (path / PROBE_HEAD_FILE).exists():
             predictors[name] = probe_predictor(path, params, tokens, device, name, backbone)
+            if isinstance(predictors[name], MemoScorer):  # scored as its own model (setfit's trained body)
+                scorers[name] = predictors[name]
         else:
             predictors[name] = scorers[name] = transformer_predictor(path, params, tokens, device, name)
     reuse_val_predictions(layout, splits["val"], scorers)
