@@ -86,7 +86,9 @@ def main() -> None:
     summary["settings"] = {k: str(v) for k, v in vars(a).items()}
     root = workspace(a.out, a)
     if "stages" not in summary:
-        summary["stages"] = run_stages(root, ("prepare", "fetch", "select", "features", "train"))
+        # a rerun after a failed train keeps the earlier stages' outputs (same params, same data)
+        done = (root / "data/features/train.npy").exists()
+        summary["stages"] = run_stages(root, ("train",) if done else ("prepare", "fetch", "select", "features", "train"))
         report = read_json(root / "reports/train.json")
         summary["train"] = {name: {k: c.get(k) for k in ("best_val_accuracy", "seconds", "body_seconds", "C")}
                             for name, c in report["candidates"].items()}

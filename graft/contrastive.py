@@ -9,6 +9,7 @@ imports this module whatever it trains, and only the setfit strategy pays for th
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,17 +23,61 @@ from graft.truncation import tokenize as truncate_tokenize
 
 
 def load_setfit_model(model_dir: Path, *, max_length: int, truncation: str, trust_remote_code: bool = False) -> Any:
-    """A SetFitModel on a local folder: a sentence-transformers folder as it is, a plain encoder
-    folder under mean pooling (sentence-transformers' default). Its body reads `max_length`
-    tokens of each text, cut as `truncation` says (graft.truncation, what the folded model and
-    the served one read), in the contrastive phase as in `encode`."""
+    """A SetFitModel over `sentence_body(model_dir)` with setfit's default head (replaced by the
+    caller's). Its body reads `max_length` tokens of each text, cut as `truncation` says
+    (graft.truncation, what the folded model and the served one read), in the contrastive phase
+    as in `encode`."""
     from setfit import SetFitModel
+    from sklearn.linear_model import LogisticRegression
 
-    model = SetFitModel.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=trust_remote_code)
-    model.model_body.max_seq_length = max_length
+    body = sentence_body(model_dir, max_length=max_length, trust_remote_code=trust_remote_code)
     if truncation != "head":  # head: sentence-transformers' own cut (longest_first at max_length) is graft's
-        _cut_as_graft_does(model.model_body[0], max_length=max_length, truncation=truncation)
-    return model
+        _cut_as_graft_does(body[0], max_length=max_length, truncation=truncation)
+    return SetFitModel(model_body=body, model_head=LogisticRegression())
+
+
+def sentence_body(model_dir: Path, *, max_length: int, trust_remote_code: bool = False) -> Any:
+    """The backbone as a sentence-transformer: Transformer, mean pooling (graft's pooling, the
+    probe's) and Normalize where the folder's modules.json lists one (all-MiniLM-L6-v2 does; a
+    plain encoder folder has no modules.json). Built here, not loaded from the module subfolders
+    (1_Pooling/...), which models/pretrained does not hold (fetch copies a folder's top-level
+    files); a modules.json with another module (Dense, ...) or a pooling config that is not mean
+    is refused, since graft's classifier could not reproduce it."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    model_dir = Path(model_dir)
+    listed = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in read_modules(model_dir)]
+    if listed and (listed[:2] != ["Transformer", "Pooling"] or listed[2:] not in ([], ["Normalize"])):
+        raise GraftError(f"{model_dir / 'modules.json'}: the sentence-transformers pipeline is {listed}; the setfit "
+                         "strategy folds Transformer, Pooling (mean) and an optional Normalize only")
+    pooling_config = model_dir / "1_Pooling" / "config.json"
+    if pooling_config.is_file():
+        mode = json.loads(pooling_config.read_text())
+        if not mode.get("pooling_mode_mean_tokens", mode.get("pooling_mode") == "mean"):
+            raise GraftError(f"{pooling_config}: not mean pooling; graft's classifier mean-pools")
+    transformer = Transformer(str(model_dir), max_seq_length=max_length,
+                              model_kwargs={"trust_remote_code": trust_remote_code, "use_safetensors": True},
+                              processor_kwargs={"trust_remote_code": trust_remote_code},
+                              config_kwargs={"trust_remote_code": trust_remote_code})
+    modules = [transformer, Pooling(transformer.get_embedding_dimension(), "mean")]
+    if listed[2:] == ["Normalize"]:
+        modules.append(Normalize())
+    return SentenceTransformer(modules=modules)
+
+
+def read_modules(model_dir: Path) -> list[dict]:
+    """The folder's sentence-transformers modules.json (empty for a plain encoder folder)."""
+    path = Path(model_dir) / "modules.json"
+    if not path.is_file():
+        return []
+    try:
+        modules = json.loads(path.read_text())
+    except ValueError as err:
+        raise GraftError(f"{path}: not readable as JSON ({err})") from None
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise GraftError(f"{path}: expected a list of modules")
+    return modules
 
 
 def _cut_as_graft_does(module: Any, *, max_length: int, truncation: str) -> None:

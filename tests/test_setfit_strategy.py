@@ -97,6 +97,24 @@ def test_folded_model_gives_setfits_probabilities(tiny_bodies: dict, tmp_path: P
     np.testing.assert_allclose(served, expected, atol=1e-5)
 
 
+def test_body_from_the_top_level_files_is_the_sentence_transformer(tiny_bodies: dict, tmp_path: Path):
+    """models/pretrained holds a folder's top-level files only (fetch drops 1_Pooling/, 2_Normalize/):
+    the body built from modules.json embeds as sentence-transformers' load of the whole folder."""
+    import shutil
+
+    from sentence_transformers import SentenceTransformer
+
+    for path in tiny_bodies["normalized"].iterdir():
+        if path.is_file():
+            shutil.copy2(path, tmp_path / path.name)
+    body = load_setfit_model(tmp_path, max_length=MAX_LENGTH, truncation="head").model_body
+    whole = SentenceTransformer(str(tiny_bodies["normalized"]))
+    whole.max_seq_length = MAX_LENGTH
+    texts = pd_texts(NEWS_CSV)[:8]
+    assert [type(m).__name__ for m in body] == ["Transformer", "Pooling", "Normalize"]
+    np.testing.assert_allclose(body.encode(texts), whole.encode(texts), atol=1e-6)
+
+
 def test_train_stage_trains_setfit_as_a_candidate(workspace: Path):
     run_prepare(workspace)
     run_fetch(workspace)
