@@ -48,6 +48,10 @@ def workspace(out: Path, args) -> Path:
                        test_size=args.test or None)
     raw["model"]["max_length"] = args.max_length
     raw["train"]["strategies"] = STRATEGIES
+    # evaluate's probe files are named relative to the repository, which the workspace is not
+    for key in ("identity_terms", "template_probes"):
+        if raw["evaluate"][key]:
+            raw["evaluate"][key] = str(REPO / raw["evaluate"][key])
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     return root
 
