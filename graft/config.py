@@ -166,13 +166,34 @@ class ProbeParams(_Section):
         return _increasing(grid)
 
 
-TRANSFER_STRATEGIES = ("linear_probe", "partial", "full", "lora")
+class SetfitParams(_Section):
+    lr: float = Field(gt=0, description="`setfit`: learning rate of the sentence-transformer body (contrastive phase).")
+    epochs: int = Field(gt=0, le=100, description="`setfit`: passes over the contrastive pairs.")
+    batch_size: int = Field(gt=0, description="`setfit`: text pairs per step of the contrastive phase.")
+    num_iterations: int = Field(gt=0, le=100, description=(
+        "`setfit`: pairs drawn per train text and iteration (one positive, one negative): 2 x num_iterations x "
+        "train rows pairs per epoch, so the cost grows linearly with the rows (setfit's own default, all pairs, "
+        "grows with their square)."))
+    C: Literal["auto"] | PositiveFloat = Field(
+        description=C_DESCRIPTION.format(what="the logistic-regression head on the fine-tuned body's embeddings"))
+    C_grid: list[PositiveFloat] = Field(min_length=1, max_length=50,
+                                        description="The values of C tried on validation when C is auto (increasing).")
+
+    @field_validator("C_grid")
+    @classmethod
+    def _grid_increasing(cls, grid: list[float]) -> list[float]:
+        return _increasing(grid)
+
+
+TRANSFER_STRATEGIES = ("linear_probe", "partial", "full", "lora", "setfit")
+# strategies adapt.strategy may fine-tune from the MLM-adapted backbone
+ADAPTABLE_STRATEGIES = ("linear_probe", "partial", "full", "lora")
 
 
 class TrainParams(_Section):
     strategies: list[str] = Field(
         min_length=1,
-        description="Transfer strategies to train (linear_probe, partial, full, lora); each is a candidate.",
+        description="Transfer strategies to train (linear_probe, partial, full, lora, setfit); each is a candidate.",
     )
     freeze_layers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(description=(
         "`partial`: lowest encoder layers kept frozen (with the embeddings). auto: every block up to the layer "
@@ -198,6 +219,9 @@ class TrainParams(_Section):
     full: FullParams = Field(description="The `full` strategy: every weight trained, layer-wise LR decay.")
     lora: LoraParams = Field(description="The `lora` strategy: low-rank adapters, merged on save.")
     probe: ProbeParams = Field(description="The `linear_probe` strategy on cached embeddings.")
+    setfit: SetfitParams = Field(description=(
+        "The `setfit` strategy: contrastive fine-tuning of the body (the setfit library), then a "
+        "logistic-regression head, folded into a mean-pooling classifier on save."))
     scratch: ScratchParams = Field(description="The from-scratch baseline (same architecture, random init).")
     tfidf: TfidfParams = Field(description="The TF-IDF + logistic regression baseline.")
     seeds: int = Field(ge=1, le=20, description=(
@@ -213,6 +237,13 @@ class TrainParams(_Section):
         if len(set(strategies)) != len(strategies):
             raise ValueError("strategies are listed more than once")
         return strategies
+
+    @model_validator(mode="after")
+    def _setfit_in_one_process(self) -> TrainParams:
+        if "setfit" in self.strategies and self.nproc_per_node > 1:
+            raise ValueError("strategies has setfit, which trains in one process (setfit's Trainer, no DDP "
+                             "here): set nproc_per_node to 1")
+        return self
 
 
 class MlmParams(_Section):
@@ -254,8 +285,8 @@ class AdaptParams(_Section):
     @field_validator("strategy")
     @classmethod
     def _known_strategy(cls, strategy: str) -> str:
-        if strategy not in TRANSFER_STRATEGIES:
-            raise ValueError(f"unknown strategy {strategy!r}; choose from {list(TRANSFER_STRATEGIES)}")
+        if strategy not in ADAPTABLE_STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; choose from {list(ADAPTABLE_STRATEGIES)}")
         return strategy
 
     @field_validator("methods")

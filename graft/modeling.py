@@ -130,20 +130,26 @@ def describe_head_load(model: PreTrainedModel, info: dict, *, name: str, classes
 
 
 PROBE_HEAD_FILE = "probe_head.safetensors"
+# the probe head file's metadata key: "true" when the mean-pooled embedding is L2-normalised before
+# the linear layer (a sentence-transformers body ending in a Normalize module: the setfit strategy)
+NORMALIZE_KEY = "normalize"
 
 
 class MeanPoolingClassifier(torch.nn.Module):
-    """A frozen backbone, mean pooling, and a linear head: the linear probe as a classifier.
+    """A backbone, mean pooling (then L2 normalisation when `normalize`), and a linear head: the
+    linear probe, or a setfit body and head, as a classifier.
 
     A `*ForSequenceClassification` head reads the [CLS] token (through the pooler), so a probe
     trained on mean-pooled embeddings cannot be written into one; this keeps the probe exact.
     It answers `model(**inputs).logits` and `model.config.num_labels` like a transformers
     classifier, so `predict_proba` serves it unchanged."""
 
-    def __init__(self, encoder: PreTrainedModel, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    def __init__(self, encoder: PreTrainedModel, weight: torch.Tensor, bias: torch.Tensor, *,
+                 normalize: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
         self.config = encoder.config
+        self.normalize = normalize
         self.classifier = torch.nn.Linear(weight.shape[1], weight.shape[0])
         with torch.no_grad():
             self.classifier.weight.copy_(weight)
@@ -155,16 +161,21 @@ class MeanPoolingClassifier(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs) -> SequenceClassifierOutput:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         with torch.autocast(hidden.device.type, enabled=False):
-            logits = self.classifier(mean_pool(hidden.float(), attention_mask))
+            pooled = mean_pool(hidden.float(), attention_mask)
+            if self.normalize:  # sentence-transformers' Normalize: F.normalize(p=2, dim=1)
+                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+            logits = self.classifier(pooled)
         return SequenceClassifierOutput(logits=logits)
 
 
 def save_probe_classifier(
     encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, weight: np.ndarray, bias: np.ndarray,
     *, classes: Sequence[str], out_dir: Path, also_write: Callable[[Path], None] | None = None,
+    normalize: bool = False,
 ) -> None:
-    """The backbone (safetensors), its tokenizer and the probe head, as one model folder;
-    `also_write(folder)` adds files to it before it replaces `out_dir`."""
+    """The backbone (safetensors), its tokenizer and the probe head (whether it normalises the
+    pooled embedding in the head file's metadata), as one model folder; `also_write(folder)` adds
+    files to it before it replaces `out_dir`."""
     from graft.files import atomic_path
 
     encoder.config.num_labels = len(classes)
@@ -174,9 +185,17 @@ def save_probe_classifier(
         encoder.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         save_file({"weight": torch.as_tensor(weight).contiguous(), "bias": torch.as_tensor(bias).contiguous()},
-                  str(tmp / PROBE_HEAD_FILE))
+                  str(tmp / PROBE_HEAD_FILE), metadata={NORMALIZE_KEY: "true" if normalize else "false"})
         if also_write is not None:
             also_write(tmp)
+
+
+def probe_head_normalizes(head_file: Path) -> bool:
+    """Whether a probe head file says its pooled embedding is L2-normalised (absent: it is not)."""
+    from safetensors import safe_open
+
+    with safe_open(str(head_file), framework="pt") as handle:
+        return (handle.metadata() or {}).get(NORMALIZE_KEY) == "true"
 
 
 def load_classifier(model_dir: Path, *, trust_remote_code: bool = False) -> torch.nn.Module:
@@ -186,7 +205,7 @@ def load_classifier(model_dir: Path, *, trust_remote_code: bool = False) -> torc
     if head.exists():
         tensors = load_file(str(head))
         encoder = load_encoder(model_dir, trust_remote_code=trust_remote_code)
-        return MeanPoolingClassifier(encoder, tensors["weight"], tensors["bias"])
+        return MeanPoolingClassifier(encoder, tensors["weight"], tensors["bias"], normalize=probe_head_normalizes(head))
     return AutoModelForSequenceClassification.from_pretrained(
         model_dir, use_safetensors=True, trust_remote_code=trust_remote_code
     )

@@ -12,7 +12,8 @@ What a model folder needs to be served the way evaluate scored it is in the fold
 truncation: which tokens of a longer text are kept, `keep`: head, tail or head_tail; padding
 side), the inference mode the forward passes run in (fp32, bf16, int8: graft/precision.py,
 logged beside this file too; absent means fp32), the head (the model's own sequence-classification head, or a linear probe over
-mean-pooled embeddings and its weights file) and the labels in order. Serving reads it and never
+mean-pooled embeddings, L2-normalised first where `normalize` says so (the setfit strategy's
+sentence-transformers body), and its weights file) and the labels in order. Serving reads it and never
 guesses: a folder without it is refused.
 """
 
@@ -62,7 +63,7 @@ def probability_column(label: str) -> str:
 
 
 def describe(*, labels: list[str], max_length: int, truncation: str, tokenizer, head: str,
-             head_file: str | None = None, inference: str = "fp32") -> dict:
+             head_file: str | None = None, inference: str = "fp32", normalize: bool = False) -> dict:
     """What serving needs to reproduce evaluate's scoring of a model folder (train writes it)."""
     if head not in HEAD_POOLING:
         raise ValueError(f"head {head!r}: expected one of {sorted(HEAD_POOLING)}")
@@ -81,7 +82,19 @@ def describe(*, labels: list[str], max_length: int, truncation: str, tokenizer, 
     }
     if head == LINEAR_PROBE:
         description["head"]["file"] = head_file
+        if normalize:  # absent: not normalised (every probe folder written before setfit)
+            description["head"]["normalize"] = True
+    elif normalize:
+        raise ValueError(f"normalize: only a {LINEAR_PROBE} head normalises its pooled embedding")
     return description
+
+
+def head_file_normalizes(head_file: Path) -> bool:
+    """What a probe head file's metadata says (graft.modeling.NORMALIZE_KEY; absent: false)."""
+    from safetensors import safe_open
+
+    with safe_open(str(head_file), framework="pt") as handle:
+        return (handle.metadata() or {}).get("normalize") == "true"
 
 
 def write_description(model_dir: Path, description: dict) -> None:
@@ -125,6 +138,9 @@ def read_description(model_dir: Path) -> dict:
         problems.append(f"head.pooling: {head.get('pooling')!r}, a {kind} head pools {HEAD_POOLING[kind]!r}")
     elif kind == LINEAR_PROBE and not (isinstance(head.get("file"), str) and (Path(model_dir) / head["file"]).is_file()):
         problems.append(f"head.file: {head.get('file')!r} is not a file in the model folder")
+    elif kind == LINEAR_PROBE and head.get("normalize", False) is not head_file_normalizes(Path(model_dir) / head["file"]):
+        problems.append(f"head.normalize: {head.get('normalize', False)!r}, but {head['file']} says "
+                        f"{head_file_normalizes(Path(model_dir) / head['file'])}")
     if problems:
         raise ServingDescriptionError(f"{path}: " + "; ".join(problems))
     return description
@@ -174,10 +190,14 @@ class TextClassifier(mlflow.pyfunc.PythonModel):
                     f"{model_dir / description['head']['file']}: head weight {tuple(weight.shape)}, bias "
                     f"{tuple(bias.shape)}; {len(self.labels)} labels over hidden size {expected[1]} need {expected}")
 
+            normalize = description["head"].get("normalize", False)
+
             def logits(batch):  # the head in fp32 outside the mode, as evaluate applies it (numpy)
                 hidden = self.forward(**batch).last_hidden_state.float()
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                if normalize:
+                    pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
                 return pooled @ weight.T + bias
 
             self.logits = logits

@@ -514,22 +514,29 @@ def fit(
     }
 
 
+def fit_probe_head(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, *,
+                   C: float | str, C_grid: Sequence[float], seed: int) -> tuple[Any, float, dict]:
+    """The linear probe's logistic regression (lbfgs, max_iter 5000) on embeddings, C fixed or
+    (`auto`) chosen on validation over `C_grid` (graft.baselines.select_C): (the fitted
+    LogisticRegression, its val accuracy, the search). The setfit strategy fits its head so too."""
+    from sklearn.linear_model import LogisticRegression
+
+    from graft.baselines import select_C
+
+    def fit(c: float) -> LogisticRegression:
+        return LogisticRegression(C=c, max_iter=5000, random_state=seed).fit(train_x, train_y)
+
+    return select_C(fit, lambda m: float((m.predict(val_x) == val_y).mean()), C=C, grid=C_grid)
+
+
 def train_linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, *,
                        C: float | str, C_grid: Sequence[float], seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
     """Multinomial logistic regression on the cached mean-pooled embeddings (no backbone pass),
     with C fixed or (`auto`) chosen on validation over `C_grid` (graft.baselines.select_C).
     Returns (weight [classes, hidden], bias [classes], facts); a binary problem's single row w
     becomes rows [0, w], so softmax over the two logits is sklearn's sigmoid(w.x + b)."""
-    from sklearn.linear_model import LogisticRegression
-
-    from graft.baselines import select_C
-
     started = time.perf_counter()
-
-    def fit(c: float) -> LogisticRegression:
-        return LogisticRegression(C=c, max_iter=5000, random_state=seed).fit(train_x, train_y)
-
-    probe, val_accuracy, search = select_C(fit, lambda m: float((m.predict(val_x) == val_y).mean()), C=C, grid=C_grid)
+    probe, val_accuracy, search = fit_probe_head(train_x, train_y, val_x, val_y, C=C, C_grid=C_grid, seed=seed)
     weight, bias = probe.coef_, probe.intercept_
     if weight.shape[0] == 1:
         weight, bias = np.vstack([np.zeros_like(weight), weight]), np.concatenate([[0.0], bias])

@@ -40,6 +40,7 @@ from graft.modeling import (
     load_encoder,
     load_tokenizer,
     proba_scorer,
+    probe_head_normalizes,
     select_device,
 )
 from graft.report import (
@@ -111,10 +112,15 @@ def backbone_scorer(layout: Layout, params: config.Params, tokens: Tokenization,
     return scorer
 
 
-def head_predictor(embeddings: Callable[[Sequence[str]], np.ndarray], weight: np.ndarray, bias: np.ndarray) -> Predictor:
-    """A linear head over mean-pooled embeddings, as texts -> softmax probabilities."""
+def head_predictor(embeddings: Callable[[Sequence[str]], np.ndarray], weight: np.ndarray, bias: np.ndarray, *,
+                   normalize: bool = False) -> Predictor:
+    """A linear head over mean-pooled embeddings (L2-normalised first when `normalize`), as texts ->
+    softmax probabilities."""
     def predict(texts: Sequence[str]) -> np.ndarray:
-        return softmax(embeddings(texts) @ weight.T + bias, axis=1).astype(np.float32)
+        x = embeddings(texts)
+        if normalize:  # as torch.nn.functional.normalize: x / max(||x||, 1e-12)
+            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return softmax(x @ weight.T + bias, axis=1).astype(np.float32)
 
     return predict
 
@@ -137,8 +143,10 @@ def probe_predictor(model_dir: Path, params: config.Params, tokens: Tokenization
     """A linear-probe candidate: its head over the shared backbone embeddings when its encoder is
     the backbone (always, for graft's own probes), else as its own model."""
     if shares_backbone(model_dir, backbone.model):
-        head = load_file(str(Path(model_dir) / PROBE_HEAD_FILE))
-        return head_predictor(backbone, head["weight"].numpy(), head["bias"].numpy())
+        head_file = Path(model_dir) / PROBE_HEAD_FILE
+        head = load_file(str(head_file))
+        return head_predictor(backbone, head["weight"].numpy(), head["bias"].numpy(),
+                              normalize=probe_head_normalizes(head_file))
     return transformer_predictor(model_dir, params, tokens, device, name)
 
 
@@ -199,6 +207,8 @@ def load_candidates(layout: Layout, params: config.Params, *, splits: Mapping[st
             predictors[name] = load_tfidf(path)
         elif (path / PROBE_HEAD_FILE).exists():
             predictors[name] = probe_predictor(path, params, tokens, device, name, backbone)
+            if isinstance(predictors[name], MemoScorer):  # scored as its own model (setfit's trained body)
+                scorers[name] = predictors[name]
         else:
             predictors[name] = scorers[name] = transformer_predictor(path, params, tokens, device, name)
     reuse_val_predictions(layout, splits["val"], scorers)

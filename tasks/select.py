@@ -36,8 +36,11 @@ RULE = (f"rank by {RANK_SCORE} on the {RANK_LAYER} of the layers' mean-pooled fe
 
 
 def finetune_epochs(train: config.TrainParams) -> int:
-    """The most epochs any fine-tuned strategy runs (linear_probe trains no backbone)."""
-    epochs = {"partial": train.epochs, "full": train.full.epochs, "lora": train.lora.epochs}
+    """The most epochs any fine-tuned strategy runs (linear_probe trains no backbone), in passes
+    over the train rows: a setfit epoch reads 4 x num_iterations texts per row (2 x num_iterations
+    pairs of two texts)."""
+    epochs = {"partial": train.epochs, "full": train.full.epochs, "lora": train.lora.epochs,
+              "setfit": train.setfit.epochs * 4 * train.setfit.num_iterations}
     return max([epochs[s] for s in train.strategies if s in epochs] or [0])
 
 

@@ -1,5 +1,7 @@
 """train: every transfer strategy in `train.strategies` plus the two baselines on the same split:
 the same architecture from random init (`scratch`) and TF-IDF + logistic regression (`tfidf`).
+The `setfit` strategy trains with the setfit library and is saved folded into graft's own
+mean-pooling classifier (graft.contrastive): evaluate, register and serving read it like a probe.
 
 Writes one plain model folder per candidate (models/finetuned/<strategy>/, models/baselines/
 {scratch,tfidf}/) and reports/train.json: the candidates, the one `proposed` (best on
@@ -13,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,16 +26,19 @@ import torch.distributed as dist
 from graft import config
 from graft.adaptation import self_train_probe
 from graft.baselines import save_tfidf, select_tfidf
+from graft.contrastive import body_parts, fit_body, fold, load_setfit_model
 from graft.errors import GraftError, exits_cleanly
 from graft.files import atomic_path, read_json, sha256_file, write_json
 from graft.layout import Layout, require
 from graft.lengths import Tokenization, resolved_tokenization
 from graft.modeling import (
     PROBE_HEAD_FILE,
+    MeanPoolingClassifier,
     build_classifier,
     embed,
     load_encoder,
     load_tokenizer,
+    predict_proba,
     save_probe_classifier,
     seed_everything,
 )
@@ -42,6 +48,7 @@ from graft.training import (
     dist_env,
     fingerprint_of,
     fit,
+    fit_probe_head,
     init_distributed,
     prepare_strategy,
     train_linear_probe,
@@ -167,6 +174,57 @@ def train_probe(params: config.Params, *, classes: list[str], data: dict, layout
     return state
 
 
+def train_setfit(params: config.Params, *, classes: list[str], data: dict, layout: Layout, tokens: Tokenization,
+                 out_dir: Path, device: torch.device) -> tuple[dict, np.ndarray]:
+    """The `setfit` strategy: setfit's contrastive phase fine-tunes the backbone as a sentence-
+    transformer body; a logistic-regression head is fitted on the trained body's train embeddings
+    (C fixed or chosen on validation, as the linear probe's); body and head are folded into graft's
+    MeanPoolingClassifier and saved as a probe-head folder. Its validation accuracy and
+    probabilities are the folded model's. Returns (state, val probabilities)."""
+    s, trust = params.train.setfit, params.model.trust_remote_code
+    started = time.perf_counter()
+    seed_everything(params.seed)
+    model = load_setfit_model(layout.pretrained_dir, max_length=tokens.max_length, truncation=tokens.truncation,
+                              trust_remote_code=trust)
+    settings = fit_body(model, data["train_texts"], data["train_labels"], lr=s.lr, epochs=s.epochs,
+                        batch_size=s.batch_size, num_iterations=s.num_iterations, max_length=tokens.max_length,
+                        seed=params.seed)
+    body_seconds = time.perf_counter() - started
+    encoder, normalize = body_parts(model)
+    tokenizer = load_tokenizer(layout.pretrained_dir, trust_remote_code=trust)
+    # the head sees what the folded model computes: graft's cut of the texts, mean pooling, Normalize
+    train_x, val_x = (embed(encoder, tokenizer, data[f"{split}_texts"], max_length=tokens.max_length,
+                            truncation=tokens.truncation, batch_size=params.features.batch_size,
+                            inference=tokens.inference, device=device, desc=f"setfit embed {split}")
+                      for split in ("train", "val"))
+    if normalize:
+        train_x, val_x = (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12) for x in (train_x, val_x))
+    model.model_head, _, search = fit_probe_head(train_x, data["train_labels"], val_x, data["val_labels"],
+                                                 C=s.C, C_grid=s.C_grid, seed=params.seed)
+    encoder, weight, bias, normalize = fold(model, len(classes))
+    encoder.config.num_labels = len(classes)  # the classifier's width (save_probe_classifier names them too)
+    classifier = MeanPoolingClassifier(encoder, torch.from_numpy(weight), torch.from_numpy(bias), normalize=normalize)
+    val_proba = predict_proba(classifier, tokenizer, data["val_texts"], max_length=tokens.max_length,
+                              truncation=tokens.truncation, batch_size=params.features.batch_size, device=device,
+                              inference=tokens.inference, desc="setfit val")
+    val_accuracy = float((val_proba.argmax(1) == np.asarray(data["val_labels"])).mean())
+    state = {"strategy": "setfit", "init": "pretrained", "pooling": "mean", "normalize": normalize,
+             "best_val_accuracy": val_accuracy, "best_epoch": s.epochs,
+             "history": [{"epoch": s.epochs, "val_accuracy": val_accuracy}], **search, "setfit": settings,
+             "trainable_parameters": int(sum(p.numel() for p in encoder.parameters()) + weight.size + bias.size),
+             "total_parameters": int(sum(p.numel() for p in classifier.parameters())), "seed": params.seed}
+    serving = describe(labels=classes, max_length=tokens.max_length, truncation=tokens.truncation, tokenizer=tokenizer,
+                       head=LINEAR_PROBE, head_file=PROBE_HEAD_FILE, inference=tokens.inference, normalize=normalize)
+
+    def also_write(folder: Path) -> None:
+        write_description(folder, serving)
+        write_training_state(folder / TRAINING_STATE, state)
+
+    save_probe_classifier(encoder.cpu(), tokenizer, weight, bias, classes=classes, out_dir=out_dir,
+                          also_write=also_write, normalize=normalize)
+    return {**state, "seconds": round(time.perf_counter() - started, 3), "body_seconds": round(body_seconds, 3)}, val_proba
+
+
 def save_transformer(model: torch.nn.Module, tokenizer, out_dir: Path, state: dict, *, tokens: Tokenization) -> None:
     """safetensors weights + config + tokenizer + how they were trained + how evaluate scores
     them (the serving description), written atomically."""
@@ -180,7 +238,8 @@ def save_transformer(model: torch.nn.Module, tokenizer, out_dir: Path, state: di
 
 
 def _candidate(kind: str, path: Path, layout: Layout, state: dict) -> dict:
-    run_facts = {k: state[k] for k in ("seconds", "throughput", "cache_seconds", "frozen_cached") if k in state}
+    run_facts = {k: state[k] for k in ("seconds", "throughput", "cache_seconds", "frozen_cached", "body_seconds")
+                 if k in state}
     regularisation = {k: state[k] for k in ("C", "C_search") if k in state}
     return {"kind": kind, "path": Path(path).relative_to(layout.root).as_posix(), "strategy": state.get("strategy"),
             "best_val_accuracy": state.get("best_val_accuracy"), "best_epoch": state.get("best_epoch"),
@@ -204,6 +263,12 @@ def train_seeds(params: config.Params, strategy: str, *, classes: list[str], dat
     for seed in extra:
         seeded = params.model_copy(update={"seed": seed})
         name = f"{strategy}-seed-{seed}"
+        if strategy == "setfit":  # one process (config refuses setfit under torchrun)
+            folder = layout.seed_model_dir(seed)
+            state, _ = train_setfit(seeded, classes=classes, data=data, layout=layout, tokens=tokens, out_dir=folder,
+                                    device=device)
+            out["models"][str(seed)] = _candidate("transformer", folder, layout, state)
+            continue
         model, state, _ = train_transformer(seeded, strategy, classes=classes, data=data, layout=layout, tokens=tokens,
                                             device=device, data_digest=data_digest, run_name=name)
         if rank == 0:
@@ -237,6 +302,9 @@ def train(params: config.Params, *, layout: Layout | None = None) -> dict:
         if strategy == "linear_probe":
             state = (train_probe(params, classes=classes, data=data, layout=layout, tokens=tokens, out_dir=out_dir)
                      if rank == 0 else {})
+        elif strategy == "setfit":  # one process (config refuses setfit under torchrun)
+            state, val_proba[strategy] = train_setfit(params, classes=classes, data=data, layout=layout, tokens=tokens,
+                                                      out_dir=out_dir, device=device)
         else:
             model, state, val_proba[strategy] = train_transformer(params, strategy, classes=classes, data=data,
                                                                   layout=layout, tokens=tokens, device=device,
