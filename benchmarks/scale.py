@@ -46,7 +46,20 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = ("prepare", "fetch", "select", "features", "adapt", "curve", "domain", "train", "evaluate", "register")
 BASE_SPLIT = 250  # params.yaml's train_size and val_size
 SUPERLINEAR = 1.25  # s per 1k rows at 16x over 1x above this is flagged
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+SENTENCE_END = re.compile(r"(?<=[.!?])(\s+)")
+# Runs a stage's code in a grandchild and writes its ru_maxrss (KiB) and CPU seconds (user + system,
+# less swayed than wall seconds by other work on the same cores): Linux carries the memory
+# high-water mark of the process that forks into the child's across exec, so a stage started
+# straight from this script (pandas, transformers loaded) would never read below this script's RSS.
+LAUNCHER = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable, "-c", sys.argv[1]])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[2], "w") as out:
+    out.write(f"{usage.ru_maxrss} {usage.ru_utime + usage.ru_stime}")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
 
 def base_corpus() -> pd.DataFrame:
@@ -64,12 +77,16 @@ def base_corpus() -> pd.DataFrame:
 
 
 def replica_text(text: str, replica: int) -> str:
-    """Replica 0 is the text; replica r has its sentences rotated by r and ends in `replica<r>`."""
+    """Replica 0 is the text; replica r has its sentences rotated by r (the whitespace between
+    sentences stays where it was, so texts that differ only in spacing stay distinct) and ends in
+    ` replica<r>`."""
     if replica == 0:
         return text
-    sentences = SENTENCE_END.split(text.strip())
+    pieces = SENTENCE_END.split(text)  # sentence, whitespace, sentence, ...
+    sentences, gaps = pieces[::2], pieces[1::2]
     shift = replica % len(sentences)
-    return " ".join(sentences[shift:] + sentences[:shift]) + f" replica{replica}"
+    sentences = sentences[shift:] + sentences[:shift]
+    return "".join(s + g for s, g in zip(sentences, [*gaps, ""], strict=True)) + f" replica{replica}"
 
 
 def build_corpus(base: pd.DataFrame, k: int) -> pd.DataFrame:
@@ -122,8 +139,8 @@ def workspace(root: Path, corpus: pd.DataFrame, k: int, model_ref: str, epochs: 
 
 
 def run_stage(root: Path, stage: str, profile: Path | None = None) -> dict:
-    """Run `tasks.<stage>.main()` in a child process in `root`; its wall seconds and peak RSS (MB,
-    from wait4: this child and what it waited for, not the others before it)."""
+    """Run `tasks.<stage>.main()` in a child process in `root`; its wall seconds, CPU seconds and
+    peak RSS (MB), of the stage's process and what it waited for, read by LAUNCHER."""
     call = f"import tasks.{stage} as t; t.main()"
     if profile is not None:
         call = f"import cProfile, tasks.{stage} as t\ncProfile.run('t.main()', {str(profile)!r})"
@@ -131,49 +148,61 @@ def run_stage(root: Path, stage: str, profile: Path | None = None) -> dict:
     env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     log = root / "logs" / f"{stage}{'.profile' if profile else ''}.log"
     log.parent.mkdir(exist_ok=True)
+    peak = root / "logs" / f"{stage}.maxrss"
     with log.open("w") as out:
         started = time.perf_counter()
-        child = subprocess.Popen([sys.executable, "-c", call], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(child.pid, 0)
+        child = subprocess.run([sys.executable, "-c", LAUNCHER, call, str(peak)], cwd=root, env=env, stdout=out,
+                               stderr=subprocess.STDOUT, check=False)
         seconds = time.perf_counter() - started
-    child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
         tail = log.read_text()[-3000:]
         raise RuntimeError(f"stage {stage} in {root} exited {child.returncode}; the end of {log}:\n{tail}")
-    return {"seconds": round(seconds, 2), "peak_mb": round(usage.ru_maxrss / 1024, 1)}
+    maxrss, cpu = peak.read_text().split()
+    return {"seconds": round(seconds, 2), "cpu_seconds": round(float(cpu), 2), "peak_mb": round(int(maxrss) / 1024, 1)}
 
 
-def measure_size(root: Path, k: int, rows: int) -> dict:
-    result = {"k": k, "rows": rows, "stages": {}}
+def measure_size(root: Path, k: int, rows: int, done: dict, save) -> dict:
+    """Run the stages not in `done["stages"]` yet, saving after each one (a rerun resumes there)."""
+    result = {"k": k, "rows": rows, "stages": {}, **done}
     for stage in STAGES:
-        result["stages"][stage] = run_stage(root, stage)
-        m = result["stages"][stage]
-        print(f"  {k}x {stage}: {m['seconds']} s, peak {m['peak_mb']} MB", flush=True)  # noqa: T201
+        if stage in result["stages"]:
+            continue
+        result["stages"][stage] = m = run_stage(root, stage)
+        print(f"  {k}x {stage}: {m['seconds']} s ({m['cpu_seconds']} s CPU), peak {m['peak_mb']} MB", flush=True)  # noqa: T201
+        save(result)
     card = json.loads((root / "data" / "prepared" / "datacard.json").read_text())
     result["splits"] = {name: split["rows"] for name, split in card["splits"].items()}
     return result
 
 
 def table(results: dict) -> str:
-    """Markdown: per stage, s per 1,000 corpus rows at each size, growth (largest size over the
-    smallest), peak RSS per size; then the slowest stage per size."""
-    sizes = sorted(results["sizes"].values(), key=lambda r: r["k"])
-    per_k = lambda r, s: r["stages"][s]["seconds"] / (r["rows"] / 1000)  # noqa: E731
-    head = [f"s/1k rows {r['k']}x" for r in sizes] + (["growth"] if len(sizes) > 1 else []) + \
-           [f"peak MB {r['k']}x" for r in sizes]
+    """Markdown: per stage, wall (and, where every size has them, CPU) seconds per 1,000 corpus
+    rows at each size with the growth (largest size over the smallest; above SUPERLINEAR flagged),
+    and peak RSS per size; then the slowest stage per size."""
+    sizes = sorted((r for r in results["sizes"].values() if "splits" in r), key=lambda r: r["k"])
+    metrics = ["seconds"] + (["cpu_seconds"] if all("cpu_seconds" in m for r in sizes for m in r["stages"].values())
+                             else [])
+    head = []
+    for metric in metrics:
+        name = "s" if metric == "seconds" else "CPU s"
+        head += [f"{name}/1k rows {r['k']}x" for r in sizes] + ([f"{name} growth"] if len(sizes) > 1 else [])
+    head += [f"peak MB {r['k']}x" for r in sizes]
     lines = ["| stage | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for stage in [*STAGES, "total"]:
+        cells = []
+        for metric in metrics:
+            if stage == "total":
+                values = [sum(m[metric] for m in r["stages"].values()) / (r["rows"] / 1000) for r in sizes]
+            else:
+                values = [r["stages"][stage][metric] / (r["rows"] / 1000) for r in sizes]
+            cells += [f"{v:.3f}" for v in values]
+            if len(sizes) > 1:
+                growth = values[-1] / values[0]
+                cells.append(f"{growth:.2f}" + (" **superlinear**" if growth > SUPERLINEAR else ""))
         if stage == "total":
-            seconds = [sum(m["seconds"] for m in r["stages"].values()) / (r["rows"] / 1000) for r in sizes]
-            peaks = [max(m["peak_mb"] for m in r["stages"].values()) for r in sizes]
+            cells += [f"{max(m['peak_mb'] for m in r['stages'].values()):.0f} (max)" for r in sizes]
         else:
-            seconds = [per_k(r, stage) for r in sizes]
-            peaks = [r["stages"][stage]["peak_mb"] for r in sizes]
-        cells = [f"{s:.3f}" for s in seconds]
-        if len(sizes) > 1:
-            growth = seconds[-1] / seconds[0]
-            cells.append(f"{growth:.2f}" + (" **superlinear**" if growth > SUPERLINEAR else ""))
-        cells += [f"{p:.0f}" for p in peaks]
+            cells += [f"{r['stages'][stage]['peak_mb']:.0f}" for r in sizes]
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     lines.append("")
     raw = " / ".join(f"{r['k']}x: {r['rows']} rows (train {r['splits']['train']}, val {r['splits']['val']}, "
@@ -234,20 +263,26 @@ def main() -> None:
     else:
         model_ref = yaml.safe_load((REPO / "params.yaml").read_text())["model"]["ref"]
     results["model_ref"] = model_ref
+    def save(size: dict) -> None:
+        results["sizes"][str(size["k"])] = size
+        out.write_text(json.dumps(results, indent=2) + "\n")
+
     for k in args.sizes:
-        if str(k) in results["sizes"]:
+        done = results["sizes"].get(str(k), {"stages": {}})
+        if "splits" in done:
             print(f"{k}x: already measured in {out}, skipped", flush=True)  # noqa: T201
             continue
         corpus = build_corpus(base, k)
         print(f"{k}x: {len(corpus)} rows ({len(base)} distinct BBC texts x {k}), backbone {args.backbone}",  # noqa: T201
               flush=True)
-        root = workspace(folder / f"k{k}", corpus, k, model_ref, args.epochs)
-        started = time.perf_counter()
-        results["sizes"][str(k)] = measure_size(root, k, len(corpus))
-        results["sizes"][str(k)]["wall_seconds"] = round(time.perf_counter() - started, 1)
-        out.write_text(json.dumps(results, indent=2) + "\n")
+        root = folder / f"k{k}"
+        if not done["stages"]:
+            workspace(root, corpus, k, model_ref, args.epochs)
+        size = measure_size(root, k, len(corpus), done, save)
+        size["wall_seconds"] = round(sum(m["seconds"] for m in size["stages"].values()), 1)
+        save(size)
         (folder / "scale.md").write_text(table(results))
-        print(f"{k}x done in {results['sizes'][str(k)]['wall_seconds']} s", flush=True)  # noqa: T201
+        print(f"{k}x done: {size['wall_seconds']} s of stages", flush=True)  # noqa: T201
     print(table(results), flush=True)  # noqa: T201
 
 
