@@ -35,3 +35,12 @@ def test_replicas_are_distinct_texts_with_their_labels():
     assert sorted(scale.replica_text(first, 3).split()[:-1]) == sorted(first.split())
     validated = validate_frame(corpus, source="scale", text_column="text", label_column="label")
     assert validated.dropped_duplicates == 0 and validated.conflicts == 0
+
+
+def test_texts_that_differ_only_in_spacing_stay_distinct():
+    # BBC holds three such pairs: joining rotated sentences with one space made them collide at 4x
+    scale = load_scale()
+    base = pd.DataFrame({"text": ["One. Two.\nThree.", "One.  Two. Three."], "label": ["a", "b"]})
+    corpus = scale.build_corpus(base, 3)
+    assert corpus["text"].nunique() == 6
+    assert scale.replica_text("One. Two.\nThree.", 1) == "Two. Three.\nOne. replica1"
