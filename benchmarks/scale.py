@@ -138,7 +138,7 @@ def workspace(root: Path, corpus: pd.DataFrame, k: int, model_ref: str, epochs: 
     return root
 
 
-def run_stage(root: Path, stage: str, profile: Path | None = None) -> dict:
+def run_stage(root: Path, stage: str, profile: Path | None = None, threads: int | None = None) -> dict:
     """Run `tasks.<stage>.main()` in a child process in `root`; its wall seconds, CPU seconds and
     peak RSS (MB), of the stage's process and what it waited for, read by LAUNCHER."""
     call = f"import tasks.{stage} as t; t.main()"
@@ -146,13 +146,15 @@ def run_stage(root: Path, stage: str, profile: Path | None = None) -> dict:
         call = f"import cProfile, tasks.{stage} as t\ncProfile.run('t.main()', {str(profile)!r})"
     env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
     env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
     log = root / "logs" / f"{stage}{'.profile' if profile else ''}.log"
     log.parent.mkdir(exist_ok=True)
     peak = root / "logs" / f"{stage}.maxrss"
     with log.open("w") as out:
         started = time.perf_counter()
-        child = subprocess.run([sys.executable, "-c", LAUNCHER, call, str(peak)], cwd=root, env=env, stdout=out,
-                               stderr=subprocess.STDOUT, check=False)
+        child = subprocess.run([sys.executable, "-c", LAUNCHER, call, str(peak)], cwd=root, env=env,
+                               stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, check=False)
         seconds = time.perf_counter() - started
     if child.returncode != 0:
         tail = log.read_text()[-3000:]
@@ -161,13 +163,13 @@ def run_stage(root: Path, stage: str, profile: Path | None = None) -> dict:
     return {"seconds": round(seconds, 2), "cpu_seconds": round(float(cpu), 2), "peak_mb": round(int(maxrss) / 1024, 1)}
 
 
-def measure_size(root: Path, k: int, rows: int, done: dict, save) -> dict:
+def measure_size(root: Path, k: int, rows: int, done: dict, save, threads: int | None) -> dict:
     """Run the stages not in `done["stages"]` yet, saving after each one (a rerun resumes there)."""
     result = {"k": k, "rows": rows, "stages": {}, **done}
     for stage in STAGES:
         if stage in result["stages"]:
             continue
-        result["stages"][stage] = m = run_stage(root, stage)
+        result["stages"][stage] = m = run_stage(root, stage, threads=threads)
         print(f"  {k}x {stage}: {m['seconds']} s ({m['cpu_seconds']} s CPU), peak {m['peak_mb']} MB", flush=True)  # noqa: T201
         save(result)
     card = json.loads((root / "data" / "prepared" / "datacard.json").read_text())
@@ -177,58 +179,66 @@ def measure_size(root: Path, k: int, rows: int, done: dict, save) -> dict:
 
 def table(results: dict) -> str:
     """Markdown: per stage, wall (and, where every size has them, CPU) seconds per 1,000 corpus
-    rows at each size with the growth (largest size over the smallest; above SUPERLINEAR flagged),
-    and peak RSS per size; then the slowest stage per size."""
-    sizes = sorted((r for r in results["sizes"].values() if "splits" in r), key=lambda r: r["k"])
-    metrics = ["seconds"] + (["cpu_seconds"] if all("cpu_seconds" in m for r in sizes for m in r["stages"].values())
+    rows at each size with the growth (largest size measured over the smallest; above SUPERLINEAR
+    flagged), and peak RSS per size; then the slowest stage per size. A size still running (or
+    stopped) shows the stages it finished; `-` marks the rest."""
+    sizes = sorted(results["sizes"].values(), key=lambda r: r["k"])
+    stages_of = [r["stages"] for r in sizes]
+    metrics = ["seconds"] + (["cpu_seconds"] if all("cpu_seconds" in m for st in stages_of for m in st.values())
                              else [])
+    complete = lambda r: "splits" in r  # noqa: E731
+    label = lambda r: f"{r['k']}x" + ("" if complete(r) else " (partial)")  # noqa: E731
     head = []
     for metric in metrics:
         name = "s" if metric == "seconds" else "CPU s"
-        head += [f"{name}/1k rows {r['k']}x" for r in sizes] + ([f"{name} growth"] if len(sizes) > 1 else [])
+        head += [f"{name}/1k rows {label(r)}" for r in sizes] + ([f"{name} growth"] if len(sizes) > 1 else [])
     head += [f"peak MB {r['k']}x" for r in sizes]
     lines = ["| stage | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for stage in [*STAGES, "total"]:
         cells = []
         for metric in metrics:
             if stage == "total":
-                values = [sum(m[metric] for m in r["stages"].values()) / (r["rows"] / 1000) for r in sizes]
+                values = [sum(m[metric] for m in r["stages"].values()) / (r["rows"] / 1000) if complete(r) else None
+                          for r in sizes]
             else:
-                values = [r["stages"][stage][metric] / (r["rows"] / 1000) for r in sizes]
-            cells += [f"{v:.3f}" for v in values]
+                values = [r["stages"][stage][metric] / (r["rows"] / 1000) if stage in r["stages"] else None
+                          for r in sizes]
+            cells += ["-" if v is None else f"{v:.3f}" for v in values]
+            known = [v for v in values if v is not None]
             if len(sizes) > 1:
-                growth = values[-1] / values[0]
-                cells.append(f"{growth:.2f}" + (" **superlinear**" if growth > SUPERLINEAR else ""))
+                growth = known[-1] / known[0] if len(known) > 1 else None
+                cells.append("-" if growth is None else f"{growth:.2f}" + (" **superlinear**" if growth > SUPERLINEAR
+                                                                            else ""))
         if stage == "total":
             cells += [f"{max(m['peak_mb'] for m in r['stages'].values()):.0f} (max)" for r in sizes]
         else:
-            cells += [f"{r['stages'][stage]['peak_mb']:.0f}" for r in sizes]
+            cells += [f"{r['stages'][stage]['peak_mb']:.0f}" if stage in r["stages"] else "-" for r in sizes]
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     lines.append("")
-    raw = " / ".join(f"{r['k']}x: {r['rows']} rows (train {r['splits']['train']}, val {r['splits']['val']}, "
-                     f"test {r['splits']['test']})" for r in sizes)
-    lines.append(f"Rows: {raw}.")
+    lines.append("Rows: " + " / ".join(
+        f"{r['k']}x: {r['rows']}" + (f" (train {r['splits']['train']}, val {r['splits']['val']}, test {r['splits']['test']})"
+                                    if complete(r) else "") for r in sizes) + ".")
     lines.append("")
-    lines.append("| size | slowest stage | seconds | share of the pipeline |")
+    lines.append("| size | slowest stage | seconds | share of the stages run |")
     lines.append("|---|---|---|---|")
     for r in sizes:
         total = sum(m["seconds"] for m in r["stages"].values())
-        stage = max(STAGES, key=lambda s: r["stages"][s]["seconds"])
-        lines.append(f"| {r['k']}x | {stage} | {r['stages'][stage]['seconds']:.1f} | "
+        stage = max(r["stages"], key=lambda s: r["stages"][s]["seconds"])
+        lines.append(f"| {label(r)} | {stage} | {r['stages'][stage]['seconds']:.1f} | "
                      f"{r['stages'][stage]['seconds'] / total:.0%} of {total:.1f} s |")
     lines.append("")
     lines.append("Raw seconds per stage: " + "; ".join(
-        f"{r['k']}x " + ", ".join(f"{s} {r['stages'][s]['seconds']}" for s in STAGES) for r in sizes) + ".")
+        f"{r['k']}x " + ", ".join(f"{s} {m['seconds']}" for s, m in r["stages"].items()) for r in sizes) + ".")
     return "\n".join(lines) + "\n"
 
 
-def profile_stage(folder: Path, stage: str, sizes: list[int], top: int) -> None:
+def profile_stage(folder: Path, stage: str, sizes: list[int], top: int, threads: int | None) -> None:
     import pstats
 
     for k in sizes:
         root = folder / f"k{k}"
         prof = root / f"{stage}.prof"
-        m = run_stage(root, stage, profile=prof)
+        m = run_stage(root, stage, profile=prof, threads=threads)
         report = root / f"{stage}.profile.txt"
         with report.open("w") as out:
             out.write(f"{stage} at {k}x under cProfile: {m['seconds']} s, peak {m['peak_mb']} MB\n")
@@ -243,6 +253,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16], help="multiples of the default corpus")
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs of every trained strategy and baseline, early stopping off (default: params.yaml's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP/MKL threads per stage (default: the libraries' own, one per core). On cores "
+                             "shared with other work, 1 keeps torch's threads from spinning against it")
     parser.add_argument("--profile", choices=STAGES, default=None, help="rerun this stage under cProfile only")
     parser.add_argument("--top", type=int, default=40, help="functions listed per profile")
     args = parser.parse_args()
@@ -250,13 +263,14 @@ def main() -> None:
     folder = args.scratch / args.backbone
     folder.mkdir(parents=True, exist_ok=True)
     if args.profile:
-        profile_stage(folder, args.profile, args.sizes, args.top)
+        profile_stage(folder, args.profile, args.sizes, args.top, args.threads)
         return
     out = folder / "scale.json"
     results = json.loads(out.read_text()) if out.exists() else {"backbone": args.backbone, "sizes": {}}
-    if results.get("epochs", args.epochs) != args.epochs:
-        raise SystemExit(f"{out} was measured with epochs {results['epochs']}, not {args.epochs}: use another --scratch")
-    results["epochs"] = args.epochs
+    for key in ("epochs", "threads"):
+        if results.get(key, getattr(args, key)) != getattr(args, key):
+            raise SystemExit(f"{out} was measured with {key} {results[key]}, not {getattr(args, key)}: use another --scratch")
+        results[key] = getattr(args, key)
     base = base_corpus()
     if args.backbone == "tiny":
         model_ref = str(tiny_backbone(args.scratch / "tiny-bert", base["text"].tolist()))
@@ -278,7 +292,7 @@ def main() -> None:
         root = folder / f"k{k}"
         if not done["stages"]:
             workspace(root, corpus, k, model_ref, args.epochs)
-        size = measure_size(root, k, len(corpus), done, save)
+        size = measure_size(root, k, len(corpus), done, save, args.threads)
         size["wall_seconds"] = round(sum(m["seconds"] for m in size["stages"].values()), 1)
         save(size)
         (folder / "scale.md").write_text(table(results))
