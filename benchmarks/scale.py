@@ -214,6 +214,9 @@ def table(results: dict) -> str:
         else:
             cells += [f"{r['stages'][stage]['peak_mb']:.0f}" if stage in r["stages"] else "-" for r in sizes]
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    done = [r for r in sizes if complete(r)]
+    if len(done) >= 3:
+        lines += ["", marginal_table(done, metrics[-1])]
     lines.append("")
     lines.append("Rows: " + " / ".join(
         f"{r['k']}x: {r['rows']}" + (f" (train {r['splits']['train']}, val {r['splits']['val']}, test {r['splits']['test']})"
@@ -230,6 +233,33 @@ def table(results: dict) -> str:
     lines.append("Raw seconds per stage: " + "; ".join(
         f"{r['k']}x " + ", ".join(f"{s} {m['seconds']}" for s, m in r["stages"].items()) for r in sizes) + ".")
     return "\n".join(lines) + "\n"
+
+
+def stage_cost(size: dict, stage: str, metric: str) -> float:
+    if stage == "total":
+        return sum(m[metric] for m in size["stages"].values())
+    return size["stages"][stage][metric]
+
+
+def marginal_table(sizes: list[dict], metric: str) -> str:
+    """The cost of the rows added between consecutive sizes, per 1,000 rows: per-row seconds of
+    the whole stage hide a superlinear part under a fixed start-up cost, the slope does not. The
+    ratio is the last slope over the first (above SUPERLINEAR flagged)."""
+    name = "s" if metric == "seconds" else "CPU s"
+    pairs = list(zip(sizes, sizes[1:], strict=False))
+    head = [f"marginal {name}/1k rows {a['k']}x->{b['k']}x" for a, b in pairs] + ["slope ratio"]
+    lines = ["| stage | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for stage in [*STAGES, "total"]:
+        slopes = [(stage_cost(b, stage, metric) - stage_cost(a, stage, metric)) / ((b["rows"] - a["rows"]) / 1000)
+                  for a, b in pairs]
+        if stage_cost(sizes[-1], stage, metric) < 1.5 * stage_cost(sizes[0], stage, metric):
+            # 16x the rows, not half as much again: start-up cost, and slopes of noise
+            ratio = "- (flat)"
+        else:
+            value = slopes[-1] / slopes[0]
+            ratio = f"{value:.2f}" + (" **superlinear**" if value > SUPERLINEAR else "")
+        lines.append(f"| {stage} | " + " | ".join(f"{v:.3f}" for v in slopes) + f" | {ratio} |")
+    return "\n".join(lines)
 
 
 def profile_stage(folder: Path, stage: str, sizes: list[int], top: int, threads: int | None) -> None:
