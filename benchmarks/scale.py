@@ -8,7 +8,7 @@ de-duplicates by text and refuses one text under two labels) and the backbone, w
 head of each text, sees other tokens in each replica. train_size and val_size are 250 x k (the
 test split is the rest), so every stage sees k times the rows.
 
-    python benchmarks/scale.py --scratch /tmp/graft-scale --backbone tiny --sizes 1 4 16
+    python benchmarks/scale.py --scratch /tmp/graft-scale --backbone tiny --sizes 1 4 16 --epochs 5 --threads 1
     python benchmarks/scale.py --scratch /tmp/graft-scale --backbone minilm --sizes 1 4
     python benchmarks/scale.py --scratch /tmp/graft-scale --backbone tiny --sizes 4 16 --profile train
 
@@ -25,6 +25,12 @@ size, as it would for a passing model. Writes <scratch>/<backbone>/scale.json (r
 peak MB per stage and size; a rerun skips the sizes already there) and scale.md (the table).
 `--profile STAGE` reruns one stage under cProfile in the sizes' finished workspaces and writes
 the top functions by cumulative time next to them.
+
+Read CPU seconds on shared cores: wall seconds count time the stage waited for the cores (or was
+stopped). The marker sits at the end, past the 128-token head the backbone keeps: a replica of a
+text with fewer sentences than k can look the same to the model as another replica of it (at 16x,
+21,376 distinct token sequences among 26,032 test rows), so forward passes grow a little slower than
+the rows; TF-IDF and every text-level step see k distinct texts.
 """
 
 from __future__ import annotations
