@@ -29,8 +29,9 @@ the top functions by cumulative time next to them.
 Read CPU seconds on shared cores: wall seconds count time the stage waited for the cores (or was
 stopped). The marker sits at the end, past the 128-token head the backbone keeps: a replica of a
 text with fewer sentences than k can look the same to the model as another replica of it (at 16x,
-evaluate ran 334 batches of 64, at most 21,376 distinct token sequences, for 26,032 test rows), so forward passes grow a little slower than
-the rows; TF-IDF and every text-level step see k distinct texts.
+evaluate ran 334 batches of 64, at most 21,376 distinct token sequences, for 26,032 test rows), so
+forward passes grow a little slower than the rows; TF-IDF and every text-level step see k distinct
+texts.
 """
 
 from __future__ import annotations
