@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -314,17 +315,24 @@ class MemoScorer:
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, rows: Callable, width: int,
                  max_length: int, batch_size: int, device: torch.device, desc: str, truncation: str = "head",
-                 inference: str = "fp32") -> None:
+                 inference: str = "fp32", token_ids: dict[str, tuple[int, ...]] | None = None) -> None:
         self.model, self.tokenizer, self.rows, self.width = infer.prepare(model, inference), tokenizer, rows, width
         self.inference = inference
         self.max_length, self.batch_size, self.device, self.desc = max_length, batch_size, device, desc
         self.truncation = truncation
         self.memo: dict[tuple[int, ...], np.ndarray] = {}
+        # text -> its truncated token ids: each text is tokenized once (a fast tokenizer encodes the
+        # whole text before it truncates), shared by scorers whose tokenizers agree (token_ids_cache)
+        self.token_ids: dict[str, tuple[int, ...]] = {} if token_ids is None else token_ids
         self.forwarded = 0  # sequences that went through the model
 
     def keys(self, texts: Sequence[str]) -> list[tuple[int, ...]]:
         """What the model sees of each text: its truncated token ids."""
-        return [tuple(x) for x in tokenize(self.tokenizer, texts, self.max_length, self.truncation)] if len(texts) else []
+        new = [t for t in dict.fromkeys(texts) if t not in self.token_ids]
+        if new:
+            ids = tokenize(self.tokenizer, new, self.max_length, self.truncation)
+            self.token_ids.update(zip(new, map(tuple, ids), strict=True))
+        return [self.token_ids[t] for t in texts]
 
     def seed(self, texts: Sequence[str], values: np.ndarray) -> None:
         """Rows already computed elsewhere (the features stage's embeddings) for these texts."""
@@ -351,6 +359,16 @@ class MemoScorer:
         return np.array([a != b for a, b in zip(self.keys(originals), self.keys(edited), strict=True)], dtype=bool)
 
 
+def token_ids_cache(caches: dict[tuple, dict], tokenizer: PreTrainedTokenizerBase, *, max_length: int,
+                    truncation: str) -> dict[str, tuple[int, ...]]:
+    """The text -> token ids memo a MemoScorer with this tokenizer, length and truncation may share:
+    one per tokenizer definition (its serialized vocabulary, normalizer and post-processor; a
+    tokenizer without one gets its own), so the models of one evaluation tokenize each text once."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = hashlib.sha256(backend.to_str().encode()).hexdigest() if backend is not None else id(tokenizer)
+    return caches.setdefault((definition, max_length, truncation), {})
+
+
 def _pooled(out, inputs) -> torch.Tensor:
     return mean_pool(out.last_hidden_state.float(), inputs["attention_mask"])
 
@@ -361,18 +379,20 @@ def _softmax(out, _inputs) -> torch.Tensor:
 
 def embedding_scorer(encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, max_length: int,
                      batch_size: int, device: torch.device, desc: str = "embed", truncation: str = "head",
-                     inference: str = "fp32") -> MemoScorer:
+                     inference: str = "fp32", token_ids: dict | None = None) -> MemoScorer:
     """Mean-pooled embeddings of a frozen backbone, memoised by token ids."""
     return MemoScorer(encoder, tokenizer, rows=_pooled, width=encoder.config.hidden_size, max_length=max_length,
-                      batch_size=batch_size, device=device, desc=desc, truncation=truncation, inference=inference)
+                      batch_size=batch_size, device=device, desc=desc, truncation=truncation, inference=inference,
+                      token_ids=token_ids)
 
 
 def proba_scorer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, max_length: int,
                  batch_size: int, device: torch.device, desc: str = "predict", truncation: str = "head",
-                 inference: str = "fp32") -> MemoScorer:
+                 inference: str = "fp32", token_ids: dict | None = None) -> MemoScorer:
     """Class probabilities of a sequence classifier, memoised by token ids."""
     return MemoScorer(model, tokenizer, rows=_softmax, width=model.config.num_labels, max_length=max_length,
-                      batch_size=batch_size, device=device, desc=desc, truncation=truncation, inference=inference)
+                      batch_size=batch_size, device=device, desc=desc, truncation=truncation, inference=inference,
+                      token_ids=token_ids)
 
 
 def embed(

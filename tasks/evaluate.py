@@ -42,6 +42,7 @@ from graft.modeling import (
     proba_scorer,
     probe_head_normalizes,
     select_device,
+    token_ids_cache,
 )
 from graft.report import (
     candidates_png,
@@ -84,25 +85,34 @@ def cached(predict: Predictor) -> Predictor:
     return wrapped
 
 
-def transformer_predictor(model_dir: Path, params: config.Params, tokens: Tokenization, device, name: str) -> Predictor:
+def transformer_predictor(model_dir: Path, params: config.Params, tokens: Tokenization, device, name: str,
+                          caches: dict | None = None) -> Predictor:
     """A saved classifier as texts -> probabilities, through the length-sorted inference loop,
-    each distinct token sequence scored once."""
+    each distinct token sequence scored once (each text tokenized once per tokenizer definition
+    across the scorers sharing `caches`)."""
     trust = params.model.trust_remote_code
     tokenizer, model = load_tokenizer(model_dir, trust_remote_code=trust), load_classifier(model_dir, trust_remote_code=trust)
     return proba_scorer(model, tokenizer, max_length=tokens.max_length, truncation=tokens.truncation,
-                        batch_size=params.features.batch_size, device=device, desc=name, inference=tokens.inference)
+                        batch_size=params.features.batch_size, device=device, desc=name, inference=tokens.inference,
+                        token_ids=_token_ids(caches, tokenizer, tokens))
+
+
+def _token_ids(caches: dict | None, tokenizer, tokens: Tokenization) -> dict | None:
+    if caches is None:
+        return None
+    return token_ids_cache(caches, tokenizer, max_length=tokens.max_length, truncation=tokens.truncation)
 
 
 def backbone_scorer(layout: Layout, params: config.Params, tokens: Tokenization, device,
-                    splits: Mapping[str, pd.DataFrame]) -> MemoScorer:
+                    splits: Mapping[str, pd.DataFrame], caches: dict | None = None) -> MemoScorer:
     """The frozen backbone's mean-pooled embeddings, seeded with the features stage's cached
     embeddings of every split: the probes below pay a forward pass only for new texts."""
     trust = params.model.trust_remote_code
-    scorer = embedding_scorer(load_encoder(layout.pretrained_dir, trust_remote_code=trust),
-                              load_tokenizer(layout.pretrained_dir, trust_remote_code=trust),
+    tokenizer = load_tokenizer(layout.pretrained_dir, trust_remote_code=trust)
+    scorer = embedding_scorer(load_encoder(layout.pretrained_dir, trust_remote_code=trust), tokenizer,
                               max_length=tokens.max_length, truncation=tokens.truncation,
                               batch_size=params.features.batch_size, device=device, desc=BACKBONE_PROBE,
-                              inference=tokens.inference)
+                              inference=tokens.inference, token_ids=_token_ids(caches, tokenizer, tokens))
     for split, frame in splits.items():
         cached_rows = np.load(layout.features_file(split))
         if len(cached_rows) != len(frame):
@@ -139,7 +149,7 @@ def shares_backbone(model_dir: Path, backbone: torch.nn.Module) -> bool:
 
 
 def probe_predictor(model_dir: Path, params: config.Params, tokens: Tokenization, device, name: str,
-                    backbone: MemoScorer) -> Predictor:
+                    backbone: MemoScorer, caches: dict | None = None) -> Predictor:
     """A linear-probe candidate: its head over the shared backbone embeddings when its encoder is
     the backbone (always, for graft's own probes), else as its own model."""
     if shares_backbone(model_dir, backbone.model):
@@ -147,7 +157,7 @@ def probe_predictor(model_dir: Path, params: config.Params, tokens: Tokenization
         head = load_file(str(head_file))
         return head_predictor(backbone, head["weight"].numpy(), head["bias"].numpy(),
                               normalize=probe_head_normalizes(head_file))
-    return transformer_predictor(model_dir, params, tokens, device, name)
+    return transformer_predictor(model_dir, params, tokens, device, name, caches)
 
 
 def backbone_probe(scorer: MemoScorer, params: config.Params, *, train_texts: Sequence[str], labels: np.ndarray,
@@ -198,7 +208,8 @@ def load_candidates(layout: Layout, params: config.Params, *, splits: Mapping[st
     manifest = read_json(layout.candidates)
     tokens = resolved_tokenization(params, layout)  # the length and truncation the features stage embedded with
     device = select_device()
-    backbone = backbone_scorer(layout, params, tokens, device, splits)
+    caches: dict = {}  # text -> token ids, per tokenizer definition: every scorer below tokenizes a text once
+    backbone = backbone_scorer(layout, params, tokens, device, splits, caches)
     scorers = {BACKBONE_PROBE: backbone}
     predictors: dict[str, Predictor] = {}
     for name, cand in manifest["candidates"].items():
@@ -206,17 +217,17 @@ def load_candidates(layout: Layout, params: config.Params, *, splits: Mapping[st
         if cand["kind"] == "tfidf":
             predictors[name] = load_tfidf(path)
         elif (path / PROBE_HEAD_FILE).exists():
-            predictors[name] = probe_predictor(path, params, tokens, device, name, backbone)
+            predictors[name] = probe_predictor(path, params, tokens, device, name, backbone, caches)
             if isinstance(predictors[name], MemoScorer):  # scored as its own model (setfit's trained body)
                 scorers[name] = predictors[name]
         else:
-            predictors[name] = scorers[name] = transformer_predictor(path, params, tokens, device, name)
+            predictors[name] = scorers[name] = transformer_predictor(path, params, tokens, device, name, caches)
     reuse_val_predictions(layout, splits["val"], scorers)
     seed_predictors = {}
     for seed, run in (manifest.get("seeds") or {}).get("models", {}).items():
         name = f"{manifest['proposed']}-seed-{seed}"
         seed_predictors[int(seed)] = scorers[name] = transformer_predictor(Path(layout.root) / run["path"], params,
-                                                                           tokens, device, name)
+                                                                           tokens, device, name, caches)
     manifest["seed_predictors"] = seed_predictors
     train, val = splits["train"], splits["val"]
     predictors[BACKBONE_PROBE], manifest["backbone_probe"] = backbone_probe(

@@ -65,3 +65,44 @@ def test_every_layers_embeddings_end_with_the_final_embedding(tiny_model_dir: Pa
     np.testing.assert_allclose(layers[-1], final, atol=1e-6)
     # index 0 is the embedding layer: no block has run on it yet
     assert not np.allclose(layers[0], layers[1])
+
+
+def test_scorers_tokenize_each_text_once_and_share_it_across_models_of_one_tokenizer(tiny_model_dir: Path,
+                                                                                        monkeypatch):
+    """A fast tokenizer encodes a whole text before it truncates (BBC articles run to thousands of
+    tokens): evaluate's scorers score the test set, then its swaps, perturbations and visibility
+    checks over the same texts. Each text is tokenized once per scorer, and once for all scorers
+    whose tokenizers are the same definition; the rows are what unshared scorers give."""
+    import pandas as pd
+
+    from graft import modeling
+    from graft.modeling import embedding_scorer
+
+    seen: list[str] = []
+    original = modeling.tokenize
+
+    def counting(tokenizer, texts, *args, **kwargs):
+        seen.extend(texts)
+        return original(tokenizer, texts, *args, **kwargs)
+
+    monkeypatch.setattr(modeling, "tokenize", counting)
+    texts = pd.read_csv(Path(__file__).parent / "fixtures" / "news_tiny.csv")["text"].tolist()[:10]
+    encoder = load_encoder(tiny_model_dir)
+    kwargs = dict(max_length=16, batch_size=4, device=torch.device("cpu"))
+    alone = embedding_scorer(encoder, load_tokenizer(tiny_model_dir), **kwargs)
+    first = alone(texts)
+    alone(texts[::-1])
+    alone.changed(texts, [t.upper() for t in texts])
+    assert sorted(seen) == sorted(texts + [t.upper() for t in texts])  # each distinct text once
+    from graft.modeling import token_ids_cache
+
+    caches: dict = {}
+    shared = [embedding_scorer(encoder, tok, token_ids=token_ids_cache(caches, tok, max_length=16, truncation="head"),
+                               **kwargs) for tok in (load_tokenizer(tiny_model_dir), load_tokenizer(tiny_model_dir))]
+    seen.clear()
+    rows = [s(texts) for s in shared]
+    assert sorted(seen) == sorted(texts) and len(caches) == 1
+    np.testing.assert_array_equal(rows[0], first)
+    np.testing.assert_array_equal(rows[1], first)
+    token_ids_cache(caches, load_tokenizer(tiny_model_dir), max_length=32, truncation="head")
+    assert len(caches) == 2  # another length is another cache
