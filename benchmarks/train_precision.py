@@ -96,7 +96,10 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--train", type=int, default=250)
     p.add_argument("--val", type=int, default=250)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     params = config.load(REPO / "params.yaml")
     model_dir = package_path(params.model.ref)
     cells_file = a.out.with_suffix(".cells.jsonl")
