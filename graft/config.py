@@ -212,9 +212,10 @@ class TrainParams(_Section):
     checkpoint_every: int = Field(ge=0, description="Also checkpoint every N optimizer steps (0: at epoch ends only).")
     compile: bool = Field(description="torch.compile the trained model (pays off on long GPU runs).")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        description="Training steps' precision: auto (bf16 autocast on a GPU, fp32 on the CPU), fp32, or bf16 "
-                            "(bf16 autocast on the CPU too: faster on CPUs with AVX512-BF16/AMX). Validation and "
-                            "evaluation always use auto.")
+        description="Training steps' precision: auto (bf16 autocast on a GPU and on a CPU with native bf16, "
+                            "AVX512-BF16 or AMX; fp32 on other CPUs), fp32, or bf16 (autocast wherever it runs, "
+                            "emulated and slow on other CPUs). The cached frozen outputs, validation and evaluation "
+                            "never follow it.")
     nproc_per_node: int = Field(gt=0, description="Processes to launch with torchrun (DDP); 1 runs in-process.")
     full: FullParams = Field(description="The `full` strategy: every weight trained, layer-wise LR decay.")
     lora: LoraParams = Field(description="The `lora` strategy: low-rank adapters, merged on save.")

@@ -40,7 +40,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_sc
 
 from graft.errors import GraftError
 from graft.files import atomic_path, write_json
-from graft.modeling import autocast, encoder_layers, freeze_lower_layers, tokenize
+from graft.modeling import autocast, encoder_layers, freeze_lower_layers, step_precision, tokenize
 
 # Cached frozen-layer outputs above this size are recomputed instead (memory over speed).
 MAX_CACHE_BYTES = 4 << 30
@@ -450,7 +450,7 @@ def fit(
                 for k, part in enumerate(micro):
                     sync = k == len(micro) - 1 or world == 1
                     with contextlib.nullcontext() if sync else step_model.no_sync():
-                        with autocast(device, s.precision):
+                        with autocast(device, step_precision(s.precision, device)):
                             logits = step_model(**collate([train_x[i] for i in part])).logits
                         targets = torch.as_tensor(train_labels[part], device=device)
                         # summed loss over the global batch size: the gradient is the global-batch

@@ -147,7 +147,9 @@ def tiny_params(model_dir: Path, data_source: Path = NEWS_CSV) -> dict:
     params["data"].update(source=str(data_source), train_size=18, val_size=12, test_size=18)
     params["model"].update(ref=str(model_dir), max_length=32)
     params["features"]["batch_size"] = 8
-    params["train"].update(epochs=2, batch_size=6, freeze_layers=1, lr=5e-3)
+    # fp32 steps: tests compare numbers across runs and code paths on whatever CPU runs them (auto
+    # would train in bf16 on one with native bf16); step_precision has its own test
+    params["train"].update(epochs=2, batch_size=6, freeze_layers=1, lr=5e-3, precision="fp32")
     params["train"]["scratch"].update(epochs=2, lr=5e-3)
     params["evaluate"]["bootstrap_samples"] = 100
     params["gate"].update(min_accuracy=0.0, min_macro_f1=0.0, required_verdict="any", min_margin=-100.0,

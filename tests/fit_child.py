@@ -54,7 +54,8 @@ def main() -> None:
 
         torch.optim.AdamW.step = step
     settings = FitSettings(lr=5e-3, epochs=2, batch_size=args.batch_size, grad_accumulation=args.grad_accumulation,
-                           max_length=32, seed=0, checkpoint_every=args.checkpoint_every, eval_batch_size=8)
+                           max_length=32, seed=0, checkpoint_every=args.checkpoint_every, eval_batch_size=8,
+                           precision="fp32")
     result = fit(model, load_tokenizer(Path(args.model)), train_texts=frame["text"][:30].tolist(),
                  train_labels=labels[:30], val_texts=frame["text"][30:].tolist(), val_labels=labels[30:],
                  settings=settings, param_groups=groups, device=device, freeze_layers=frozen,

@@ -255,3 +255,18 @@ def test_fit_steps_with_fused_adamw_on_the_cpu(tmp_path: Path, tiny_model_dir: P
         torch.optim.AdamW(params, lr=5e-3, weight_decay=0.01, fused=fused).step()
         moved[fused] = torch.cat([p.detach().flatten() for p in params])
     torch.testing.assert_close(moved[True], moved[False], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_training_steps_are_bf16_on_a_gpu_and_on_a_cpu_with_native_bf16(native: bool, monkeypatch):
+    from graft import modeling
+
+    monkeypatch.setattr(modeling, "cpu_has_native_bf16", lambda: native)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert modeling.step_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert modeling.step_precision("auto", cuda) == "bf16"
+    assert modeling.step_precision("fp32", cpu) == "fp32" and modeling.step_precision("bf16", cpu) == "bf16"
+    with modeling.autocast(cpu, modeling.step_precision("auto", cpu)):
+        assert torch.is_autocast_enabled("cpu") is native
+    with modeling.autocast(cpu):  # the frozen-output cache and validation: fp32 on any CPU
+        assert not torch.is_autocast_enabled("cpu")
