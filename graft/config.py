@@ -154,9 +154,9 @@ class LoraParams(_Section):
     epochs: int = Field(gt=0, description="Epochs of LoRA fine-tuning.")
 
 
-class ProbeParams(_Section):
-    C: Literal["auto"] | PositiveFloat = Field(
-        description=C_DESCRIPTION.format(what="the linear probe on cached embeddings"))
+class _CSearch(_Section):
+    """A logistic regression's C grid, searched on validation when its C is auto."""
+
     C_grid: list[PositiveFloat] = Field(min_length=1, max_length=50,
                                         description="The values of C tried on validation when C is auto (increasing).")
 
@@ -166,7 +166,12 @@ class ProbeParams(_Section):
         return _increasing(grid)
 
 
-class SetfitParams(_Section):
+class ProbeParams(_CSearch):
+    C: Literal["auto"] | PositiveFloat = Field(
+        description=C_DESCRIPTION.format(what="the linear probe on cached embeddings"))
+
+
+class SetfitParams(_CSearch):
     lr: float = Field(gt=0, description="`setfit`: learning rate of the sentence-transformer body (contrastive phase).")
     epochs: int = Field(gt=0, le=100, description="`setfit`: passes over the contrastive pairs.")
     batch_size: int = Field(gt=0, description="`setfit`: text pairs per step of the contrastive phase.")
@@ -176,13 +181,6 @@ class SetfitParams(_Section):
         "grows with their square)."))
     C: Literal["auto"] | PositiveFloat = Field(
         description=C_DESCRIPTION.format(what="the logistic-regression head on the fine-tuned body's embeddings"))
-    C_grid: list[PositiveFloat] = Field(min_length=1, max_length=50,
-                                        description="The values of C tried on validation when C is auto (increasing).")
-
-    @field_validator("C_grid")
-    @classmethod
-    def _grid_increasing(cls, grid: list[float]) -> list[float]:
-        return _increasing(grid)
 
 
 TRANSFER_STRATEGIES = ("linear_probe", "partial", "full", "lora", "setfit")
