@@ -425,11 +425,12 @@ def plots(result: Mapping, classes: list[str]) -> dict[str, bytes]:
     return out
 
 
-def predictions_of(candidate: str, proba: np.ndarray, test: pd.DataFrame, classes: list[str]) -> dict:
-    """A candidate's test predictions, row by row, as evaluate scored them: register compares
-    the served model with these (deterministic: no run facts)."""
+def predictions_of(candidate: str, proba: np.ndarray, test: pd.DataFrame, classes: list[str], *,
+                   inference: str = "fp32") -> dict:
+    """A candidate's test predictions, row by row, as evaluate scored them (in the `inference`
+    mode): register compares the served model with these (deterministic: no run facts)."""
     proba = np.asarray(proba, dtype=np.float64)
-    return {"candidate": candidate, "classes": classes, "ids": test["id"].astype(str).tolist(),
+    return {"candidate": candidate, "inference": inference, "classes": classes, "ids": test["id"].astype(str).tolist(),
             "labels": [classes[i] for i in proba.argmax(1)], "probabilities": proba.tolist()}
 
 
@@ -481,7 +482,8 @@ def evaluate(params: config.Params, *, layout: Layout | None = None) -> dict:
                                    "predicted": [classes[i] for i in result["predictions"][result["proposed"]]]})
     atomic_write_text(layout.plots_dir / "confusion.csv", confusion_rows.to_csv(index=False))
     write_json(layout.test_predictions, predictions_of(result["proposed"], result["proposed_test_proba"],
-                                                         splits["test"], classes))
+                                                         splits["test"], classes,
+                                                         inference=resolved_tokenization(params, layout).inference))
     write_json(layout.metrics, result["metrics"])
     write_json(layout.transfer, result["transfer"])
     write_json(layout.bias, result["bias"])

@@ -105,6 +105,8 @@ def register(params: config.Params, layout: Layout | None = None, uri: str | Non
         registry.check_predictions_fit(expected, path=layout.test_predictions, candidate=candidate,
                                        ids=test["id"].astype(str).tolist(), classes=list(card["classes"]))
         classifier = registry.servable(model_dir)  # a folder that does not say how to serve it stops here
+        registry.check_inference_fits(expected, path=layout.test_predictions, model_dir=model_dir,
+                                      served=classifier.inference)
         card_text = registry.model_card(name=r.model_name, manifest=manifest, datacard=card, metrics=metrics,
                                         transfer=transfer, gate=gate, bias=bias, lineage_tags=tags)
         with registry.registry_lock(uri), tempfile.TemporaryDirectory() as tmp:
@@ -125,7 +127,7 @@ def register(params: config.Params, layout: Layout | None = None, uri: str | Non
             # parity before any alias moves: the version as the registry serves it, on the test split
             version_uri = f"models:/{r.model_name}/{version}"
             served = registry.predict(version_uri, texts)
-            check = registry.parity(expected, served)
+            check = registry.parity(expected, served, mode=classifier.inference)
             registry.record_parity(client, r.model_name, version, check)
             result["parity"] = check
             if not check["passed"]:

