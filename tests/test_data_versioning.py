@@ -194,18 +194,24 @@ def test_sigkill_during_train_leaves_the_previous_models(ran: Path):
     graft(root, "stage", "train")  # whatever earlier tests changed, train is up to date now
     before = {p: tree_digest(root / p) for p in ("models/finetuned", "models/baselines")}
     epochs = yaml.safe_load((root / "params.yaml").read_text())["train"]["epochs"]
-    set_param(root, "train.epochs", 40)
+    # far more epochs than 6 s can train on any machine, none stopped early (patience 1 ended 40
+    # epochs of the tiny model within 6 s, exit 0, so the kill found no process)
+    patience = yaml.safe_load((root / "params.yaml").read_text())["train"]["patience"]
+    set_param(root, "train.epochs", 2000)
+    set_param(root, "train.patience", None)
     proc = subprocess.Popen([sys.executable, "-m", "graft.cli", "stage", "train"], cwd=root, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, "MLFLOW_TRACKING_URI": ""})
     # the victim is this test's own grandchild (graft -> dvc -> the stage), never another
     # pipeline's train stage running on the same machine
     pid = wait_for_descendant(proc, ("-m", "tasks.train"), timeout=120)
     time.sleep(6)  # mid-training: past the first model's first steps
+    assert proc.poll() is None, f"train ended within 6 s (exit {proc.returncode}): nothing left to kill"
     os.kill(pid, signal.SIGKILL)
     proc.wait(timeout=120)
     assert proc.returncode != 0
     assert {p: tree_digest(root / p) for p in before} == before
     set_param(root, "train.epochs", epochs)
+    set_param(root, "train.patience", patience)
 
 
 def test_retraining_with_nothing_changed_leaves_evaluate_and_register_up_to_date(ran: Path):
