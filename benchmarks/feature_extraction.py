@@ -40,11 +40,12 @@ from graft.modeling import (
     mean_pool,
     tokenize,
 )
+from graft.precision import MODES
 from graft.sources import package_path, read_table
 
 GRAFT = "graft"  # graft fp32 (embed as it is called today): the reference for cosines
 ST = "sentence_transformers"  # sentence-transformers, PyTorch backend: the reference for speed
-INFERENCE_MODES = ("fp32", "bf16", "int8")
+INFERENCE_MODES = MODES  # graft.precision's, the compiled mode included
 BACKEND_PACKAGES = ("torch", "transformers", "sentence-transformers", "optimum", "optimum-onnx",
                     "optimum-intel", "onnx", "onnxruntime", "openvino", "nncf", "scikit-learn")
 
@@ -282,16 +283,20 @@ def sample(frame: pd.DataFrame, label: str, n: int, seed: int, calibration: int)
     return chosen["text"].astype(str).tolist(), chosen[label].astype(str).to_numpy(), rest["text"].astype(str).tolist()
 
 
-def bench(contenders: dict[str, Encode], texts: list[str], repeats: int) -> tuple[dict, dict, dict]:
-    """Each contender once untimed (warm-up, on one batch), then `repeats` rounds, each in a
-    rotated order. Returns seconds per round, the last outputs, and failures."""
+def bench(contenders: dict[str, Encode], texts: list[str], repeats: int) -> tuple[dict, dict, dict, dict]:
+    """Each contender once on one batch (warm-up, timed apart: a compile happens there), then
+    `repeats` rounds, each in a rotated order. Returns seconds per round, the last outputs,
+    failures and warm-up seconds."""
     seconds: dict[str, list[float]] = {name: [] for name in contenders}
     outputs: dict[str, np.ndarray] = {}
     failed: dict[str, str] = {}
+    warm_up: dict[str, float] = {}
     names = list(contenders)
     for name in names:
         try:
+            started = time.perf_counter()
             contenders[name](texts[:64])
+            warm_up[name] = time.perf_counter() - started
         except Exception as exc:
             failed[name] = failure(exc)
             traceback.print_exc()
@@ -310,10 +315,10 @@ def bench(contenders: dict[str, Encode], texts: list[str], repeats: int) -> tupl
             seconds[name].append(time.perf_counter() - started)
         print(f"  round {r + 1}/{repeats}: " + ", ".join(  # noqa: T201
             f"{n} {seconds[n][-1]:.1f}s" for n in live if n not in failed and seconds[n]), flush=True)
-    return {n: s for n, s in seconds.items() if n not in failed}, outputs, failed
+    return {n: s for n, s in seconds.items() if n not in failed}, outputs, failed, warm_up
 
 
-def summarise(texts: list[str], labels: np.ndarray, seconds: dict, outputs: dict) -> dict:
+def summarise(texts: list[str], labels: np.ndarray, seconds: dict, outputs: dict, warm_up: dict) -> dict:
     rate = {n: len(texts) / min(s) for n, s in seconds.items()}
     ref = l2(outputs[GRAFT]) if GRAFT in outputs else None
     rows = {}
@@ -323,6 +328,7 @@ def summarise(texts: list[str], labels: np.ndarray, seconds: dict, outputs: dict
         rows[n] = {
             "texts_per_s": rate[n],
             "seconds": seconds[n],
+            "warm_up_seconds": warm_up.get(n),
             "vs_st": rate[n] / rate[ST] if ST in rate else None,
             "vs_graft": rate[n] / rate[GRAFT] if GRAFT in rate else None,
             "cosine_min": float(cos.min()) if cos is not None else None,
@@ -336,16 +342,17 @@ def table(runs: list[dict]) -> str:
     def f(x, spec):
         return "-" if x is None else format(x, spec)
 
-    lines = ["| corpus | max_len | contender | texts/s | vs ST | vs graft fp32 | cos min | cos mean | probe acc |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| corpus | max_len | contender | texts/s | vs ST | vs graft fp32 | cos min | cos mean | probe acc "
+             "| warm-up s |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for run in runs:
         for n, r in run["contenders"].items():
             lines.append(f"| {run['corpus']} | {run['max_length']} | {n} | {r['texts_per_s']:.1f} | "
                          f"{f(r['vs_st'], '.2f')} | {f(r['vs_graft'], '.2f')} | {f(r['cosine_min'], '.5f')} | "
-                         f"{f(r['cosine_mean'], '.5f')} | {r['probe_accuracy']:.3f} |")
+                         f"{f(r['cosine_mean'], '.5f')} | {r['probe_accuracy']:.3f} | "
+                         f"{f(r.get('warm_up_seconds'), '.1f')} |")
         for n, why in run["skipped"].items():
             lines.append(f"| {run['corpus']} | {run['max_length']} | {n} | skipped: {why.replace('|', '/')} "
-                         "| | | | | |")
+                         "| | | | | | |")
     return "\n".join(lines)
 
 
@@ -379,12 +386,12 @@ def main() -> None:
                 print(f"{corpus}, max_length {max_length}: {len(texts)} texts", flush=True)  # noqa: T201
                 contenders, skipped = build_contenders(model_dir, st_dir, work, max_length, a.batch, calibration,
                                                        set(a.only) if a.only else None)
-                seconds, outputs, failed = bench(contenders, texts, a.repeats)
+                seconds, outputs, failed, warm_up = bench(contenders, texts, a.repeats)
                 skipped.update(failed)
                 runs.append({"corpus": corpus, "max_length": max_length, "texts": len(texts),
                              "labels": {str(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True),
                                                                        strict=True)},
-                             "contenders": summarise(texts, labels, seconds, outputs),
+                             "contenders": summarise(texts, labels, seconds, outputs, warm_up),
                              "skipped": skipped, "outputs": outputs})
     report: dict = {"settings": vars(a), "threads": threads, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                     "cpu_native_bf16": cpu_has_native_bf16(), "versions": versions(),

@@ -89,11 +89,13 @@ class ModelParams(_Section):
     candidates: list[str] = Field(description=(
         "More backbones (refs like model.ref, at their newest revision) ranked beside model.ref by the select "
         "stage's transferability scores; empty: model.ref only."))
-    inference: Literal["auto", "fp32", "bf16", "int8"] = Field(description=(
+    inference: Literal["auto", "fp32", "bf16", "int8", "bf16_compiled"] = Field(description=(
         "Precision of the forward passes that score texts (features, the probe's embeddings, evaluate and the "
-        "served model; never training): fp32, bf16 (autocast), int8 (dynamic quantization, CPU), or auto: the "
-        "features stage measures each mode this machine runs natively against fp32 on validation and picks the "
-        "fastest that passes (graft/inference.py); reports/inference.json says what it chose and why."))
+        "served model; never training): fp32, bf16 (autocast), int8 (dynamic quantization, CPU), bf16_compiled "
+        "(a bf16 copy compiled by torch.compile: fastest, after a compile in each process that scores), or auto: "
+        "the features stage measures each mode this machine runs natively against fp32 on validation and picks, "
+        "of those that pass, the one that embeds its texts soonest, compiling only for a large workload "
+        "(graft/inference.py); reports/inference.json says what it chose and why."))
     select: Literal["auto", "ref"] = Field(description=(
         "auto: the best-ranked candidate (LogME on layer-averaged features) whose estimated fine-tuning time "
         "fits train.budget_seconds; ref: model.ref whatever the scores."))

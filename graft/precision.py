@@ -1,6 +1,8 @@
-"""How a model's forward passes run when it scores texts: `fp32`, `bf16` (autocast) or `int8`
+"""How a model's forward passes run when it scores texts: `fp32`, `bf16` (autocast), `int8`
 (torch dynamic quantization of every `nn.Linear`: int8 weights per output channel, activations
-quantized per call; CPU only). Standard library and torch only: register logs this file beside
+quantized per call; CPU only) or `bf16_compiled` (a bf16 copy of the weights, compiled by
+torch.compile's inductor with freezing: weights folded in as constants, oneDNN/AMX kernels on the
+CPU; a compile costs seconds to tens of seconds per process, so it pays on large workloads only). Standard library and torch only: register logs this file beside
 the serving code (registry.SERVING_CODE_PATHS), so the served model runs its forward passes in
 the mode evaluate scored it in, graft installed or not. Which mode a run uses is
 `model.inference` (graft.inference chooses it when `auto`)."""
@@ -10,11 +12,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
+import weakref
 
 import torch
 
-MODES = ("fp32", "bf16", "int8")
+COMPILED = "bf16_compiled"
+MODES = ("fp32", "bf16", "int8", COMPILED)
 _MARK = "_graft_inference"
+# model -> its compiled copy: a process compiles each model once, however often it scores
+_COMPILED_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def cpu_has_native_bf16() -> bool:
@@ -35,10 +41,12 @@ def check(mode: str) -> str:
 
 
 def prepare(model: torch.nn.Module, mode: str) -> torch.nn.Module:
-    """The model as `mode` runs it: for int8 a quantized copy on the CPU (the original is left as
-    it is; a model this function already quantized comes back as it is); for fp32 and bf16 the
-    model itself."""
-    if check(mode) != "int8" or getattr(model, _MARK, None) == "int8":
+    """The model as `mode` runs it: for int8 a quantized copy on the CPU; for bf16_compiled a
+    compiled bf16 copy (`compiled`); for fp32 and bf16 the model itself. The original is left as
+    it is; a model this function already prepared comes back as it is."""
+    if check(mode) == COMPILED:
+        return compiled(model)
+    if mode != "int8" or getattr(model, _MARK, None) == "int8":
         return model
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
@@ -62,6 +70,27 @@ def prepare(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     quantized.register_forward_pre_hook(remember_mask, with_kwargs=True)
     setattr(quantized, _MARK, "int8")
     return quantized
+
+
+def compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """A bf16 copy of `model` (the modules it lists in `fp32_modules`, a probe's head, stay fp32),
+    compiled with inductor's freezing (weights become constants of the graph, so the copy must not
+    be trained) and dynamic shapes (one graph for every batch and length). Cached per model: the
+    same object again for the same model. Compiling happens at the first call."""
+    if getattr(model, _MARK, None) == COMPILED:
+        return model
+    if model in _COMPILED_COPIES:
+        return _COMPILED_COPIES[model]
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True  # only inference compiles in graft's processes
+    copied = copy.deepcopy(model).eval().requires_grad_(False).to(torch.bfloat16)
+    for name in getattr(model, "fp32_modules", ()):
+        copied.get_submodule(name).float()
+    result = torch.compile(copied, dynamic=True)
+    setattr(result, _MARK, COMPILED)
+    _COMPILED_COPIES[model] = result
+    return result
 
 
 class _PerSequence(torch.nn.Module):
@@ -93,7 +122,8 @@ def device_for(mode: str, device: torch.device) -> torch.device:
 
 
 def context(device: torch.device, mode: str) -> contextlib.AbstractContextManager:
-    """The forward passes' context for `mode`: bf16 autocast, or nothing."""
+    """The forward passes' context for `mode`: bf16 autocast, or nothing (bf16_compiled's weights
+    are bf16 themselves)."""
     if check(mode) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

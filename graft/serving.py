@@ -10,7 +10,7 @@ graft installed or not.
 What a model folder needs to be served the way evaluate scored it is in the folder itself:
 `graft_serving.json` (written by train beside the weights) names the tokenization (max_length,
 truncation: which tokens of a longer text are kept, `keep`: head, tail or head_tail; padding
-side), the inference mode the forward passes run in (fp32, bf16, int8: graft/precision.py,
+side), the inference mode the forward passes run in (fp32, bf16, int8, bf16_compiled: graft/precision.py,
 logged beside this file too; absent means fp32), the head (the model's own sequence-classification head, or a linear probe over
 mean-pooled embeddings, L2-normalised first where `normalize` says so (the setfit strategy's
 sentence-transformers body), and its weights file) and the labels in order. Serving reads it and never

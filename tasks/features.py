@@ -53,7 +53,8 @@ def features(params: config.Params, *, pretrained_dir: Path, prepared_dir: Path,
 
     mode, inference_facts = choose(params.model.inference, device, embed=embed_in, train_texts=texts["train"],
                                    train_y=frames["train"]["label_id"].to_numpy(), val_texts=texts["val"],
-                                   val_y=frames["val"]["label_id"].to_numpy())
+                                   val_y=frames["val"]["label_id"].to_numpy(),
+                                   workload=sum(len(batch) for batch in texts.values()))
     embedded = {split: embed_in(batch, mode, f"embed {split}") for split, batch in texts.items()}
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()

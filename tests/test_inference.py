@@ -47,6 +47,38 @@ def test_int8_is_a_quantized_copy_close_to_fp32_and_quantized_once(tiny_model_di
         precision.prepare(encoder, "fp16")
 
 
+def test_bf16_compiled_is_a_bf16_copy_compiled_once_per_model(tiny_model_dir: Path):
+    """The compiled mode scores with a bf16 copy (the original stays fp32, a probe's head fp32 in
+    the copy too), compiles it once per model however often it scores, and gives the same rows
+    each time, close to fp32's."""
+    from graft.modeling import MeanPoolingClassifier
+
+    encoder, tokenizer = load_encoder(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    texts = pd.read_csv(NEWS_CSV)["text"].tolist()[:20]
+    prepared = precision.prepare(encoder, precision.COMPILED)
+    assert prepared is not encoder and precision.prepare(encoder, precision.COMPILED) is prepared
+    assert precision.prepare(prepared, precision.COMPILED) is prepared
+    assert {p.dtype for p in encoder.parameters()} == {torch.float32}
+    assert {p.dtype for p in prepared.parameters()} == {torch.bfloat16}
+    fp32 = embed(encoder, tokenizer, texts, max_length=32, batch_size=8, device=CPU)
+    first = embed(encoder, tokenizer, texts, max_length=32, batch_size=8, device=CPU, inference=precision.COMPILED)
+    again = embed(encoder, tokenizer, texts, max_length=32, batch_size=8, device=CPU, inference=precision.COMPILED)
+    np.testing.assert_array_equal(first, again)  # the same batches, so the same rows
+    assert not np.array_equal(first, fp32) and inference.cosines(first, fp32).min() > 0.999
+    probe = MeanPoolingClassifier(load_encoder(tiny_model_dir), torch.zeros(3, 32), torch.zeros(3))
+    copied = precision.prepare(probe, precision.COMPILED)
+    assert copied.classifier.weight.dtype == torch.float32 and copied.encoder.embeddings.word_embeddings.weight.dtype == torch.bfloat16
+
+
+def test_the_compiled_mode_needs_a_cpp_compiler_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
+    assert inference.unsupported(precision.COMPILED, CPU) is None or inference._cpp_compiler() is None
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(inference.shutil, "which", lambda name: None)
+    assert "C++ compiler" in inference.unsupported(precision.COMPILED, CPU)
+    assert inference.unsupported("bf16", CPU) is None
+
+
 def _fake_embed(rows_of: dict, seconds_per_text: dict, train_rows_of: dict | None = None):
     """embed(texts, mode): planted rows per mode (looked up by text) at planted speeds."""
     def embed_fn(texts, mode):
@@ -110,6 +142,43 @@ def test_auto_rejects_a_mode_whose_probe_falls_outside_fp32s_interval(planted):
     assert chosen == "fp32"
 
 
+def _compiling(embed_fn, compile_seconds: float):
+    """embed_fn whose first call in the compiled mode also takes `compile_seconds`."""
+    compiled: list = []
+
+    def fn(texts, mode):
+        if mode == precision.COMPILED and not compiled:
+            compiled.append(True)
+            time.sleep(compile_seconds)
+        return embed_fn(texts, mode)
+    return fn
+
+
+@pytest.mark.parametrize(("workload", "compile_seconds", "expected"), [
+    (100, 0.5, "bf16"),  # eager bf16 would take 0.1 s: under COMPILE_MIN_SECONDS, not tried
+    (4000, 0.5, precision.COMPILED),  # 4 s eager against 0.5 + 1.6 s compiled
+    (4000, 3.0, "bf16"),  # tried, faster, but its compile costs more than it saves
+])
+def test_auto_compiles_only_where_the_workload_repays_the_compile(planted, monkeypatch, workload, compile_seconds,
+                                                                   expected):
+    texts, labels, exact = planted
+    monkeypatch.setattr(inference, "COMPILE_MIN_SECONDS", 1.0)
+    speeds = {"fp32": 0.004, "int8": 0.004, "bf16": 0.001, precision.COMPILED: 0.0004}
+    embed_fn = _compiling(_fake_embed({m: exact for m in speeds}, speeds), compile_seconds)
+    chosen, facts = inference.choose("auto", CPU, embed=embed_fn, train_texts=texts[:40], train_y=labels[:40],
+                                     val_texts=texts[40:], val_y=labels[40:], workload=workload)
+    compiled = facts["modes"][precision.COMPILED]
+    assert chosen == expected, facts
+    assert facts["workload"] == workload
+    if workload == 100:
+        assert "would not pay for itself" in compiled["skipped"] and "compile_seconds" not in compiled
+    else:
+        assert compiled["passed"] and compiled["compile_seconds"] >= compile_seconds
+        assert compiled["speedup"] > facts["modes"]["bf16"]["speedup"]  # faster once compiled, either way
+        assert compiled["workload_seconds"] >= compile_seconds + workload * 0.0004
+    assert f"{workload} texts in" in facts["why"]
+
+
 def test_a_mode_set_in_params_is_used_as_is():
     chosen, facts = inference.choose("int8", CPU, embed=None, train_texts=[], train_y=np.array([]), val_texts=[],
                                      val_y=np.array([]))
@@ -143,7 +212,7 @@ def test_features_records_the_mode_and_later_stages_refuse_a_changed_one(workspa
 
 
 @pytest.mark.parametrize("head", ["sequence_classification", "linear_probe"])
-@pytest.mark.parametrize("mode", ["fp32", "int8", "bf16"])
+@pytest.mark.parametrize("mode", ["fp32", "int8", "bf16", "bf16_compiled"])
 def test_the_served_model_scores_in_the_mode_evaluate_scored_in(tiny_model_dir: Path, tmp_path: Path, mode: str,
                                                                 head: str):
     """A folder train wrote with inference `mode`: serving (batches of 32 in input order) gives
@@ -173,7 +242,13 @@ def test_the_served_model_scores_in_the_mode_evaluate_scored_in(tiny_model_dir: 
                           inference=mode)
     evaluated = scorer(texts)
     served = TextClassifier().load(out).predict_proba(texts)
-    np.testing.assert_allclose(served, evaluated, atol=1e-4)
+    if mode == precision.COMPILED:  # compiled bf16 kernels round by batch shape: register's tolerance for the mode
+        from graft.registry import PARITY_TOLERANCES
+
+        largest, mean = PARITY_TOLERANCES[mode]
+        assert np.abs(served - evaluated).max() <= largest and np.abs(served - evaluated).mean() <= mean
+    else:
+        np.testing.assert_allclose(served, evaluated, atol=1e-4)
     description = read_json(out / SERVING_FILE)
     write_json(out / SERVING_FILE, {**description, "inference": "fp32"})
     as_fp32 = TextClassifier().load(out).predict_proba(texts)
@@ -255,3 +330,15 @@ def test_a_label_may_differ_only_at_a_tie_within_the_modes_tolerance():
     assert not check["passed"] and check["labels_differ"] == 1 and check["ties"] == 0
     with pytest.raises(GraftError, match="inference mode 'fp16'"):
         registry.parity(expected, tie, mode="fp16")
+
+
+def test_params_accept_exactly_the_modes_graft_runs():
+    """config.py spells model.inference's choices out (it must not import torch); they are
+    graft.inference's, the compiled mode included."""
+    import typing
+
+    from graft.config import ModelParams
+    from graft.registry import PARITY_TOLERANCES
+
+    assert typing.get_args(ModelParams.model_fields["inference"].annotation) == inference.CHOICES
+    assert set(PARITY_TOLERANCES) == set(precision.MODES)
