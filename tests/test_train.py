@@ -20,7 +20,7 @@ from graft.lengths import resolved_tokenization
 from graft.modeling import load_classifier, load_tokenizer, predict_proba
 from tasks.train import train
 
-from .conftest import load_params, run_features, run_fetch, run_prepare, run_select
+from .conftest import NEWS_CSV, load_params, run_features, run_fetch, run_prepare, run_select
 
 
 @pytest.fixture
@@ -270,3 +270,42 @@ def test_auto_training_steps_are_bf16_on_a_gpu_and_on_a_cpu_with_native_bf16(nat
         assert torch.is_autocast_enabled("cpu") is native
     with modeling.autocast(cpu):  # the frozen-output cache and validation: fp32 on any CPU
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_the_tfidf_vocabulary_is_saved_beside_the_skops_file_and_read_back(tmp_path: Path):
+    """skops stores a dict node per term (seconds for a bigram vocabulary); the vocabulary goes
+    to vocabulary.json, the skops file holds the rest, and loading gives sklearn's probabilities.
+    A missing or mismatched vocabulary file is named; a skops file that still holds its own
+    vocabulary (written before) loads as it did."""
+    import json
+    import zipfile
+
+    import skops.io as sio
+
+    from graft.baselines import TFIDF_FILE, VOCABULARY_FILE, fit_tfidf, save_tfidf
+
+    frame = pd.read_csv(NEWS_CSV)
+    texts, labels = frame["text"].tolist(), frame["label"].astype("category").cat.codes.to_numpy()
+    pipeline = fit_tfidf(texts[:40], labels[:40], ngram_max=2, C=10.0, seed=0)
+    vocabulary = dict(pipeline.named_steps["tfidf"].vocabulary_)
+    out = tmp_path / "tfidf"
+    save_tfidf(pipeline, out, {"classes": ["a"]})
+    assert pipeline.named_steps["tfidf"].vocabulary_ == vocabulary  # the caller's pipeline is whole
+    terms = json.loads((out / VOCABULARY_FILE).read_text(encoding="utf-8"))
+    assert {t: i for i, t in enumerate(terms)} == vocabulary
+    with zipfile.ZipFile(out / TFIDF_FILE) as archive:
+        schema = archive.read("schema.json").decode()
+    assert '"vocabulary_"' not in schema and len(schema) < 20_000  # (fixed_vocabulary_ stays)
+    np.testing.assert_allclose(load_tfidf(out)(texts[40:]), pipeline.predict_proba(texts[40:]), atol=1e-12)
+
+    (out / VOCABULARY_FILE).write_text(json.dumps(terms[:-1]), encoding="utf-8")
+    with pytest.raises(GraftError, match=rf"{VOCABULARY_FILE}: {len(terms) - 1} terms, but the vectorizer has"):
+        load_tfidf(out)
+    (out / VOCABULARY_FILE).unlink()
+    with pytest.raises(GraftError, match=rf"{VOCABULARY_FILE}: missing"):
+        load_tfidf(out)
+    old = tmp_path / "old"  # the format before: one skops file, vocabulary inside
+    old.mkdir()
+    pipeline.named_steps["tfidf"].__dict__.pop("_stop_words_id", None)
+    (old / TFIDF_FILE).write_bytes(sio.dumps(pipeline))
+    np.testing.assert_allclose(load_tfidf(old)(texts[40:]), pipeline.predict_proba(texts[40:]), atol=1e-12)
