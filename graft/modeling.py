@@ -42,7 +42,8 @@ def select_device() -> torch.device:
 
 def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
     """Mixed precision for a forward pass in training: `auto`: bf16 on a GPU, full precision on
-    the CPU (the frozen-output cache and validation use it so); `bf16`: bf16 autocast on either;
+    the CPU (the frozen-output cache uses it so; validation runs in the precision of the mode
+    evaluate scores in, graft.training.validation_precision); `bf16`: bf16 autocast on either;
     `fp32`: none. Training steps pass `step_precision(train.precision, device)`. Scoring texts
     follows `model.inference` (graft.inference)."""
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):

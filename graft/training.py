@@ -65,6 +65,9 @@ class FitSettings:
     checkpoint_every: int = 0
     compile: bool = False
     precision: str = "auto"
+    # the mode evaluate scores texts in (model.inference, resolved): validation runs in its
+    # precision, so the validation probabilities evaluate reuses are scored as its test rows are
+    inference: str = "fp32"
 
 
 # AdamW's fused kernel (one pass over each tensor) where torch has it; on the CPU it took 79 ms a
@@ -236,16 +239,24 @@ def _collate_hidden(items: Sequence[torch.Tensor], device: torch.device) -> dict
     return {"inputs_embeds": hidden.to(device, non_blocking=True), "attention_mask": mask.to(device, non_blocking=True)}
 
 
+def validation_precision(inference: str) -> str:
+    """The precision validation runs in for a model evaluate will score in `inference`: bf16
+    autocast for bf16 and bf16_compiled (both bf16; a compile per epoch would not pay), fp32 for
+    fp32 and int8 (a quantized copy every epoch would not either)."""
+    return "bf16" if inference in ("bf16", "bf16_compiled") else "fp32"
+
+
 def val_probabilities(model: torch.nn.Module, examples: Sequence, lengths: Sequence[int], *, collate,
-                      batch_size: int, device: torch.device) -> np.ndarray:
-    """Class probabilities over length-sorted batches, in the order of `examples`."""
+                      batch_size: int, device: torch.device, precision: str = "fp32") -> np.ndarray:
+    """Class probabilities over length-sorted batches, in the order of `examples`, in `precision`
+    (`autocast`'s: bf16 or fp32)."""
     model.eval()
     out: np.ndarray | None = None
     order = sorted(range(len(examples)), key=lambda i: lengths[i])
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            with autocast(device):
+            with autocast(device, precision):
                 logits = model(**collate([examples[i] for i in batch])).logits
             proba = torch.softmax(logits.float(), dim=-1).cpu().numpy()
             if out is None:
@@ -470,8 +481,8 @@ def fit(
                     checkpoint()
             train_seconds = time.perf_counter() - tick
 
-            val_proba = val_probabilities(model, val_x, val_lengths, collate=collate,
-                                          batch_size=s.eval_batch_size, device=device)
+            val_proba = val_probabilities(model, val_x, val_lengths, collate=collate, batch_size=s.eval_batch_size,
+                                          device=device, precision=validation_precision(s.inference))
             val_accuracy = float((val_proba.argmax(1) == val_labels).mean()) if len(val_x) else 0.0
             train_loss = _all_sum(progress["epoch_loss"], device) / len(train_ids)
             progress["history"].append({

@@ -69,7 +69,7 @@ def _settings(params: config.Params, tokens: Tokenization, *, lr: float, epochs:
         grad_accumulation=t.grad_accumulation, max_length=tokens.max_length, truncation=tokens.truncation,
         seed=params.seed,
         patience=t.patience, cache_frozen=t.cache_frozen, checkpoint_every=t.checkpoint_every, compile=t.compile,
-        precision=t.precision,
+        precision=t.precision, inference=tokens.inference,
     )
 
 

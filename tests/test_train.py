@@ -309,3 +309,36 @@ def test_the_tfidf_vocabulary_is_saved_beside_the_skops_file_and_read_back(tmp_p
     pipeline.named_steps["tfidf"].__dict__.pop("_stop_words_id", None)
     (old / TFIDF_FILE).write_bytes(sio.dumps(pipeline))
     np.testing.assert_allclose(load_tfidf(old)(texts[40:]), pipeline.predict_proba(texts[40:]), atol=1e-12)
+
+
+def test_validation_runs_in_the_precision_evaluate_scores_in(tiny_model_dir: Path):
+    """Two fits alike but for the inference mode the recipe names: the same steps (fp32, same
+    seed) reach the same weights, and each fit's validation probabilities, which evaluate reuses,
+    are that mode's: predict_proba in bf16 for bf16 (and bf16_compiled), fp32 for fp32 and int8."""
+    from graft.modeling import build_classifier, seed_everything
+    from graft.training import FitSettings, fit, prepare_strategy, validation_precision
+
+    assert [validation_precision(m) for m in ("fp32", "bf16", "int8", "bf16_compiled")] == ["fp32", "bf16", "fp32",
+                                                                                            "bf16"]
+    frame = pd.read_csv(NEWS_CSV)
+    classes = sorted(frame["label"].unique())
+    labels = frame["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    tokenizer = load_tokenizer(tiny_model_dir)
+    val_texts = frame["text"][12:30].tolist()
+    fitted = {}
+    for mode in ("fp32", "bf16"):
+        seed_everything(0)
+        model, frozen, groups = prepare_strategy(build_classifier(tiny_model_dir, classes=classes), "full",
+                                                 freeze_layers=0, lr=5e-3, weight_decay=0.01)
+        result = fit(model, tokenizer, train_texts=frame["text"][:12].tolist(), train_labels=labels[:12],
+                     val_texts=val_texts, val_labels=labels[12:30], param_groups=groups, device=torch.device("cpu"),
+                     settings=FitSettings(lr=5e-3, epochs=1, batch_size=4, max_length=32, eval_batch_size=8,
+                                          precision="fp32", inference=mode), freeze_layers=frozen, desc=mode)
+        fitted[mode] = (model, result["val_proba"])
+    for (a, b) in zip(fitted["fp32"][0].parameters(), fitted["bf16"][0].parameters(), strict=True):
+        torch.testing.assert_close(a, b)  # the steps did not depend on the mode
+    for mode, (model, val_proba) in fitted.items():
+        rescored = predict_proba(model, tokenizer, val_texts, max_length=32, batch_size=8, device=torch.device("cpu"),
+                                 inference=mode)
+        np.testing.assert_allclose(val_proba, rescored, atol=1e-6)
+    assert np.abs(fitted["fp32"][1] - fitted["bf16"][1]).max() > 1e-5  # bf16 validation is not fp32's (fp32 noise: 1e-7)
