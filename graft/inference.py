@@ -24,8 +24,6 @@ every later stage and the serving description read it from there.
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 
@@ -33,7 +31,7 @@ import numpy as np
 import torch
 
 from graft.errors import GraftError
-from graft.precision import COMPILED, MODES, cpu_has_native_bf16
+from graft.precision import COMPILED, MODES, cpp_compiler, cpu_has_native_bf16
 
 CHOICES = ("auto", *MODES)
 MIN_COSINE = 0.999  # embeddings' cosine to fp32, min over the sample
@@ -52,25 +50,26 @@ def unsupported(mode: str, device: torch.device) -> str | None:
     if mode in ("bf16", COMPILED) and device.type == "cpu" and not cpu_has_native_bf16():
         return ("this CPU has no native bf16 (no avx512_bf16 or amx_bf16 in /proc/cpuinfo): bf16 is emulated "
                 "there, several times slower than fp32")
-    if mode == COMPILED:
-        if device.type == "cpu" and not _cpp_compiler():
-            return "torch.compile needs a C++ compiler on the CPU (g++, c++ or $CXX); none is on PATH"
-        if device.type == "cuda":
-            from torch.utils._triton import has_triton
-
-            if not has_triton():
-                return "torch.compile needs triton on a GPU; this torch has none"
     if mode == "int8":
         if device.type != "cpu":
             return f"int8 dynamic quantization runs on the CPU only, not on {device.type}"
         if not set(torch.backends.quantized.supported_engines) & {"x86", "fbgemm", "qnnpack", "onednn"}:
             return f"this torch build has no quantized engine ({torch.backends.quantized.supported_engines})"
+    return cannot_run(mode, device)
+
+
+def cannot_run(mode: str, device: torch.device) -> str | None:
+    """Why `mode` cannot run on `device` at all (None: it can): the compiled mode without a
+    compiler for its kernels."""
+    if mode == COMPILED:
+        if device.type == "cpu" and not cpp_compiler():
+            return "torch.compile needs a C++ compiler on the CPU (g++, c++, clang++ or $CXX); none is on PATH"
+        if device.type == "cuda":
+            from torch.utils._triton import has_triton
+
+            if not has_triton():
+                return "torch.compile needs triton on a GPU; this torch has none"
     return None
-
-
-def _cpp_compiler() -> str | None:
-    return next((found for name in (os.environ.get("CXX"), "g++", "c++", "clang++") if name
-                 and (found := shutil.which(name))), None)
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -92,6 +91,8 @@ def choose(requested: str, device: torch.device, *, embed: Callable[[Sequence[st
     is (its facts say whether it runs natively here); `auto` measures. `workload`: how many texts
     the stage embeds in the chosen mode (None: unknown; the compiled mode is then not tried)."""
     if requested != "auto":
+        if blocked := cannot_run(requested, device):
+            raise GraftError(f"model.inference {requested!r}: {blocked}")
         why = unsupported(requested, device)
         return requested, {"requested": requested, "chosen": requested, "device": device.type,
                            "why": "set in params" + (f"; note: {why}" if why else ""), "modes": {}}

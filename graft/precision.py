@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
+import shutil
 import warnings
 import weakref
 
@@ -32,6 +34,13 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile's inductor would build CPU kernels with ($CXX, g++, c++ or
+    clang++ on PATH), or None."""
+    return next((found for name in (os.environ.get("CXX"), "g++", "c++", "clang++")
+                 if name and (found := shutil.which(name))), None)
 
 
 def check(mode: str) -> str:
@@ -81,6 +90,10 @@ def compiled(model: torch.nn.Module) -> torch.nn.Module:
         return model
     if model in _COMPILED_COPIES:
         return _COMPILED_COPIES[model]
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    if on_cpu and cpp_compiler() is None:  # say so now, not as a build failure at the first call
+        raise RuntimeError(f"inference mode {COMPILED}: torch.compile needs a C++ compiler on the CPU "
+                           "(g++, c++, clang++ or $CXX on PATH); none found. Install one, or score in bf16")
     import torch._inductor.config as inductor_config
 
     inductor_config.freezing = True  # only inference compiles in graft's processes

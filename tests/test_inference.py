@@ -70,13 +70,20 @@ def test_bf16_compiled_is_a_bf16_copy_compiled_once_per_model(tiny_model_dir: Pa
     assert copied.classifier.weight.dtype == torch.float32 and copied.encoder.embeddings.word_embeddings.weight.dtype == torch.bfloat16
 
 
-def test_the_compiled_mode_needs_a_cpp_compiler_on_the_cpu(monkeypatch):
+def test_the_compiled_mode_needs_a_cpp_compiler_on_the_cpu(monkeypatch, tiny_model_dir: Path):
+    """auto skips the compiled mode without a compiler, and a folder served in it says why at
+    load time rather than failing a kernel build at its first request."""
     monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
-    assert inference.unsupported(precision.COMPILED, CPU) is None or inference._cpp_compiler() is None
+    assert (inference.unsupported(precision.COMPILED, CPU) is None) == (precision.cpp_compiler() is not None)
     monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setattr(inference.shutil, "which", lambda name: None)
+    monkeypatch.setattr(precision.shutil, "which", lambda name: None)
     assert "C++ compiler" in inference.unsupported(precision.COMPILED, CPU)
     assert inference.unsupported("bf16", CPU) is None
+    with pytest.raises(RuntimeError, match="bf16_compiled: torch.compile needs a C\\+\\+ compiler"):
+        precision.prepare(load_encoder(tiny_model_dir), precision.COMPILED)
+    with pytest.raises(GraftError, match="model.inference 'bf16_compiled': torch.compile needs a C\\+\\+ compiler"):
+        inference.choose(precision.COMPILED, CPU, embed=None, train_texts=[], train_y=np.array([]), val_texts=[],
+                         val_y=np.array([]))
 
 
 def _fake_embed(rows_of: dict, seconds_per_text: dict, train_rows_of: dict | None = None):
