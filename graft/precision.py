@@ -96,7 +96,9 @@ def compiled(model: torch.nn.Module) -> torch.nn.Module:
                            "(g++, c++, clang++ or $CXX on PATH); none found. Install one, or score in bf16")
     import torch._inductor.config as inductor_config
 
-    inductor_config.freezing = True  # only inference compiles in graft's processes
+    # inductor freezes only graphs compiled with grad disabled (compile_fx: `config.freezing and not
+    # torch.is_grad_enabled()`), so train.compile's training graphs in the same process are not
+    inductor_config.freezing = True
     copied = copy.deepcopy(model).eval().requires_grad_(False).to(torch.bfloat16)
     for name in getattr(model, "fp32_modules", ()):
         copied.get_submodule(name).float()
