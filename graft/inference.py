@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from graft.errors import GraftError
-from graft.precision import COMPILED, MODES, cpp_compiler, cpu_has_native_bf16
+from graft.precision import BF16_MODES, COMPILED, MODES, cpp_compiler, cpu_has_native_bf16
 
 CHOICES = ("auto", *MODES)
 MIN_COSINE = 0.999  # embeddings' cosine to fp32, min over the sample
@@ -47,7 +47,7 @@ def unsupported(mode: str, device: torch.device) -> str | None:
     """Why `mode` does not run natively on `device` (None: it does)."""
     if mode not in MODES:
         raise GraftError(f"model.inference {mode!r}: expected one of {', '.join(CHOICES)}")
-    if mode in ("bf16", COMPILED) and device.type == "cpu" and not cpu_has_native_bf16():
+    if mode in BF16_MODES and device.type == "cpu" and not cpu_has_native_bf16():
         return ("this CPU has no native bf16 (no avx512_bf16 or amx_bf16 in /proc/cpuinfo): bf16 is emulated "
                 "there, several times slower than fp32")
     if mode == "int8":
@@ -158,8 +158,8 @@ def choose(requested: str, device: torch.device, *, embed: Callable[[Sequence[st
     passing = [m for m in candidates if modes[m]["passed"]]
     if workload is not None:  # the seconds each mode would spend on the stage's texts, compile included
         for mode in ("fp32", *passing):
-            facts = modes[mode]
-            facts["workload_seconds"] = round(facts.get("compile_seconds", 0.0) + workload / facts["texts_per_s"], 1)
+            row = modes[mode]
+            row["workload_seconds"] = round(row.get("compile_seconds", 0.0) + workload / row["texts_per_s"], 1)
         chosen = min(passing, key=lambda m: modes[m]["workload_seconds"]) if passing else "fp32"
     else:
         chosen = max(passing, key=lambda m: modes[m]["speedup"]) if passing else "fp32"

@@ -2,7 +2,8 @@
 (torch dynamic quantization of every `nn.Linear`: int8 weights per output channel, activations
 quantized per call; CPU only) or `bf16_compiled` (a bf16 copy of the weights, compiled by
 torch.compile's inductor with freezing: weights folded in as constants, oneDNN/AMX kernels on the
-CPU; a compile costs seconds to tens of seconds per process, so it pays on large workloads only). Standard library and torch only: register logs this file beside
+CPU; a compile costs seconds to tens of seconds per process, so it pays on large workloads only).
+Standard library and torch only: register logs this file beside
 the serving code (registry.SERVING_CODE_PATHS), so the served model runs its forward passes in
 the mode evaluate scored it in, graft installed or not. Which mode a run uses is
 `model.inference` (graft.inference chooses it when `auto`)."""
@@ -20,6 +21,7 @@ import torch
 
 COMPILED = "bf16_compiled"
 MODES = ("fp32", "bf16", "int8", COMPILED)
+BF16_MODES = ("bf16", COMPILED)  # the modes whose arithmetic is bf16 (native on AMX / AVX512-BF16 CPUs)
 _MARK = "_graft_inference"
 # model -> its compiled copy: a process compiles each model once, however often it scores
 _COMPILED_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

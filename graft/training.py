@@ -41,6 +41,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_linear_sc
 from graft.errors import GraftError
 from graft.files import atomic_path, write_json
 from graft.modeling import autocast, encoder_layers, freeze_lower_layers, step_precision, tokenize
+from graft.precision import BF16_MODES
 
 # Cached frozen-layer outputs above this size are recomputed instead (memory over speed).
 MAX_CACHE_BYTES = 4 << 30
@@ -243,7 +244,7 @@ def validation_precision(inference: str) -> str:
     """The precision validation runs in for a model evaluate will score in `inference`: bf16
     autocast for bf16 and bf16_compiled (both bf16; a compile per epoch would not pay), fp32 for
     fp32 and int8 (a quantized copy every epoch would not either)."""
-    return "bf16" if inference in ("bf16", "bf16_compiled") else "fp32"
+    return "bf16" if inference in BF16_MODES else "fp32"
 
 
 def val_probabilities(model: torch.nn.Module, examples: Sequence, lengths: Sequence[int], *, collate,
